@@ -1,0 +1,29 @@
+"""The engine's settings, in one place (the CLI and tests fill it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    data_root: str = "."
+    device: str = "cpu"
+    dtype: str | None = None            # default: bfloat16 on cuda, float32 on cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None    # default: from kv_cache_memory
+    kv_cache_memory: float = 0.5        # GiB on cpu; fraction of free memory on cuda
+    max_model_len: int | None = None    # default: the model's max_position_embeddings, capped by the cache
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 512
+    max_loras: int = 8
+    max_lora_rank: int = 128
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str | None = None
+    served_model_name: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)   # name -> path under data_root
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return self.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")

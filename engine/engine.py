@@ -1,0 +1,168 @@
+"""The engine loop: requests in, one scheduled iteration per `step()`, text deltas out."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from coserve.engine.config import EngineConfig
+from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
+from coserve.engine.lora import LoRARegistry
+from coserve.engine.model.loader import DTYPES, load_model
+from coserve.engine.runner import Runner
+from coserve.engine.sampling import SamplingParams
+from coserve.engine.scheduler import Scheduler
+from coserve.engine.sequence import RequestOutput, Sequence, Status
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class StepStats:
+    """What the last iteration did, for metrics."""
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    duration_s: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        dtype = DTYPES[config.torch_dtype_name]
+        self.model = load_model(config.model, config.device, config.torch_dtype_name)
+        self.model_config = self.model.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        num_blocks = config.num_kv_blocks or self._blocks_for_memory(dtype)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        capacity = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
+        self.kv_caches = allocate_kv_caches(self.model_config, num_blocks, config.block_size, config.device, dtype)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
+        self.runner = Runner(self.model, self.kv_caches, self.blocks, config.device)
+        self.loras = LoRARegistry(self.model, config.max_loras, config.max_lora_rank)
+        self.requests: dict[str, Sequence] = {}
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.last_step = StepStats()
+        self.model_name = config.served_model_name or Path(config.model).name
+
+    def _blocks_for_memory(self, dtype: torch.dtype) -> int:
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype)
+        if self.config.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info()
+            budget = free * self.config.kv_cache_memory
+        else:
+            budget = self.config.kv_cache_memory * 2**30
+        return max(1, int(budget // per_block))
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    adapter: str | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running", "request_id")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", "prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                               f"{self.max_model_len} tokens, including the completion", "prompt")
+        if adapter is not None and adapter not in self.loras.adapters:
+            raise RequestError(f"the model {adapter!r} does not exist", "model", 404)
+        seq = Sequence(request_id, list(prompt_ids), params, adapter_name=adapter)
+        if adapter is not None:
+            seq.adapter_slot = self.loras.acquire(adapter)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.requests.pop(seq.request_id, None)
+        if seq.adapter_slot is not None:
+            self.loras.release(seq.adapter_slot)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns a delta for every request that produced a token."""
+        start = time.perf_counter()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        tokens, logprobs, _ = self.runner.run(chunks)
+        outputs: list[RequestOutput] = []
+        samplers = [c for c in chunks if c.samples]
+        for c in chunks:
+            c.seq.num_computed += c.length
+        for c, token, logprob in zip(samplers, tokens, logprobs):
+            outputs.append(self._append_token(c.seq, token, logprob))
+        decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
+        self.last_step = StepStats(sum(c.length for c in chunks) - decode, decode, time.perf_counter() - start)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.output_ids.append(token)
+        seq.output_logprobs.append(logprob)
+        p = seq.params
+        reason = None
+        stopped_by_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        text_ids = seq.output_ids[:-1] if stopped_by_token else seq.output_ids
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if stopped_by_token:
+            reason = "stop"
+        for s in p.stop:
+            idx = text.find(s, max(0, len(seq.text) - len(s)))
+            if idx != -1:
+                text, reason = text[:idx], "stop"
+                break
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        seq.text = text
+        finished = reason is not None
+        # Hold back a partial UTF-8 character and anything that may still grow into a stop string.
+        hold = 0 if finished else max([len(s) - 1 for s in p.stop] + [0])
+        visible = len(text) - hold
+        if not finished and text.endswith("\ufffd"):
+            visible = min(visible, len(text) - 1)
+        delta = text[seq.emitted_chars:max(visible, seq.emitted_chars)]
+        seq.emitted_chars += len(delta)
+        new_ids = seq.output_ids[seq.emitted_tokens:]
+        new_lps = seq.output_logprobs[seq.emitted_tokens:]
+        seq.emitted_tokens = len(seq.output_ids)
+        if finished:
+            self._finish(seq, reason)
+        return RequestOutput(seq.request_id, delta, new_ids, new_lps, finished, reason,
+                             len(seq.prompt_ids), len(seq.output_ids))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[Sequence]:
+        """Run prompts to completion in one continuous batch (for scripts and tests)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        seqs = []
+        for i, (ids, p, a) in enumerate(zip(prompts, params_list, adapters)):
+            rid = f"gen-{id(prompts)}-{i}"
+            self.add_request(rid, ids, p, a)
+            seqs.append(self.requests[rid])
+        while any(s.status is not Status.FINISHED for s in seqs):
+            self.step()
+        return seqs

@@ -1,0 +1,157 @@
+"""Adapter registry: PEFT-format LoRA adapters loaded into stacked slots, so one batch mixes many adapters.
+A name can be reloaded while requests use it: the new weights take a fresh slot, the old slot retires
+when its last request ends."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from coserve.engine.model.llama import LORA_TARGETS, CausalLM
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be loaded; the message says why."""
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: str
+    slot: int
+    rank: int
+    alpha: float
+    scaling: float
+    use_rslora: bool
+    target_modules: list[str]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "rank": self.rank, "alpha": self.alpha,
+                "scaling": self.scaling, "use_rslora": self.use_rslora, "target_modules": self.target_modules}
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Read `adapter_config.json` and `adapter_model.safetensors` into {module: {"A": .., "B": ..}}."""
+    cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_path.is_file():
+        raise AdapterError(f"{adapter_dir} has no adapter_config.json")
+    if not weights_path.is_file():
+        raise AdapterError(f"{adapter_dir} has no adapter_model.safetensors (pickled adapters are refused)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("use_dora"):
+        raise AdapterError("DoRA adapters are not supported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise AdapterError("rank_pattern/alpha_pattern are not supported")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            m = _KEY.match(key)
+            if m is None:
+                raise AdapterError(f"unexpected tensor {key!r} in {weights_path.name}")
+            modules.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(key)
+    return cfg, modules
+
+
+class LoRARegistry:
+    def __init__(self, model: CausalLM, max_loras: int, max_rank: int):
+        self.model = model
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.modules = model.lora_modules()
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.refs = [0] * max_loras        # requests holding each slot
+        self.retired: set[int] = set()     # slots of replaced adapters, freed when unreferenced
+        self.rank = 0                      # current width of the stacks
+
+    def _free_slot(self) -> int:
+        used = {a.slot for a in self.adapters.values()} | self.retired
+        for slot in range(self.max_loras):
+            if slot not in used:
+                return slot
+        raise AdapterError(f"all {self.max_loras} adapter slots are in use; unload an adapter first")
+
+    def _grow(self, rank: int) -> None:
+        """Widen every stack to `rank` (zero-padded), keeping what the slots hold."""
+        p = next(iter(self.modules.values())).weight
+        for m in self.modules.values():
+            out_f, in_f = m.weight.shape
+            a = torch.zeros(self.max_loras, rank, in_f, dtype=p.dtype, device=p.device)
+            b = torch.zeros(self.max_loras, out_f, rank, dtype=p.dtype, device=p.device)
+            if m.lora_a is not None:
+                a[:, : self.rank] = m.lora_a
+                b[:, :, : self.rank] = m.lora_b
+            m.lora_a, m.lora_b = a, b
+            if m.lora_scale is None:
+                m.lora_scale = torch.zeros(self.max_loras, dtype=torch.float32, device=p.device)
+        self.rank = rank
+
+    def load(self, name: str, adapter_dir: Path, display_path: str | None = None) -> AdapterInfo:
+        """Load (or reload) `name` from a PEFT adapter folder."""
+        cfg, modules = read_adapter(adapter_dir)
+        rank = int(cfg.get("r", 0))
+        if not 1 <= rank <= self.max_rank:
+            raise AdapterError(f"adapter rank r={rank} is outside 1..{self.max_rank} (--max-lora-rank)")
+        unknown = sorted({m.rsplit(".", 1)[-1] for m in modules} - set(LORA_TARGETS))
+        if unknown:
+            raise AdapterError(f"unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
+        for module, ab in modules.items():
+            if module not in self.modules:
+                raise AdapterError(f"adapter targets {module!r}, which this base model does not have")
+            if set(ab) != {"A", "B"}:
+                raise AdapterError(f"{module} lacks lora_A or lora_B")
+            target = self.modules[module]
+            if ab["A"].shape != (rank, target.weight.shape[1]) or ab["B"].shape != (target.weight.shape[0], rank):
+                raise AdapterError(f"{module}: LoRA shapes {tuple(ab['A'].shape)}/{tuple(ab['B'].shape)} do not "
+                                   f"fit a {tuple(target.weight.shape)} projection with r={rank}")
+        alpha = float(cfg.get("lora_alpha", rank))
+        rslora = bool(cfg.get("use_rslora", False))
+        scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        slot = self._free_slot()
+        if rank > self.rank:
+            self._grow(rank)
+        for name_, m in self.modules.items():
+            m.lora_a[slot].zero_()
+            m.lora_b[slot].zero_()
+            m.lora_scale[slot] = 0.0
+            if name_ in modules:
+                m.lora_a[slot, :rank] = modules[name_]["A"].to(m.lora_a.dtype)
+                m.lora_b[slot, :, :rank] = modules[name_]["B"].to(m.lora_b.dtype)
+                m.lora_scale[slot] = scaling
+        old = self.adapters.get(name)
+        if old is not None:
+            self._retire(old.slot)
+        targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        info = AdapterInfo(name, display_path or str(adapter_dir), slot, rank, alpha, scaling, rslora, targets)
+        self.adapters[name] = info
+        return info
+
+    def _retire(self, slot: int) -> None:
+        if self.refs[slot]:
+            self.retired.add(slot)
+
+    def unload(self, name: str) -> AdapterInfo:
+        info = self.adapters.pop(name)
+        self._retire(info.slot)
+        return info
+
+    def acquire(self, name: str) -> int:
+        slot = self.adapters[name].slot
+        self.refs[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.refs[slot] -= 1
+        if not self.refs[slot]:
+            self.retired.discard(slot)
+
+    def free_slots(self) -> int:
+        return self.max_loras - len(self.adapters) - len(self.retired)

@@ -1,0 +1,170 @@
+"""Llama-family decoder over a flat token batch: RMSNorm, rotary, GQA paged attention, SwiGLU, LoRA-aware
+projections. One forward serves any mix of prefill chunks and decode tokens of many sequences."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from coserve.engine.model.config import ModelConfig
+from coserve.kernels.lora import lora_delta_torch
+from coserve.kernels.paged_attention import paged_attention_torch, write_kv_torch
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward needs: flat tokens plus, per sequence, where its queries and KV blocks are."""
+
+    input_ids: torch.Tensor          # [T]
+    positions: torch.Tensor          # [T]
+    slot_mapping: torch.Tensor       # [T] cache slot of each token
+    block_tables: list[torch.Tensor]
+    query_starts: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    logits_indices: torch.Tensor     # rows whose logits are wanted
+    lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (adapter slot, token rows)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer plus stacked LoRA slots; each token adds the delta of its own adapter, if any."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.lora_a: torch.Tensor | None = None   # [S, R, in]
+        self.lora_b: torch.Tensor | None = None   # [S, out, R]
+        self.lora_scale: torch.Tensor | None = None  # [S]; 0 where the slot does not adapt this module
+
+    def forward(self, x: torch.Tensor, lora_groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.lora_a is not None and lora_groups:
+            active = [(s, rows) for s, rows in lora_groups if self.lora_scale[s] != 0]
+            if active:
+                lora_delta_torch(x, self.lora_a, self.lora_b, self.lora_scale, active, y)
+        return y
+
+
+def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, with Llama-3 or linear scaling when the config asks for it."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (the Hugging Face Llama convention). x: [T, H, D]; cos/sin: [T, D/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = LoRALinear(cfg.hidden_size, cfg.num_heads * hd, cfg.qkv_bias)
+        self.k_proj = LoRALinear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias)
+        self.v_proj = LoRALinear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias)
+        self.o_proj = LoRALinear(cfg.num_heads * hd, cfg.hidden_size, cfg.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg, g = self.cfg, batch.lora_groups
+        q = apply_rotary(self.q_proj(x, g).view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x, g).view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = self.v_proj(x, g).view(-1, cfg.num_kv_heads, cfg.head_dim)
+        write_kv_torch(k, v, kv[0], kv[1], batch.slot_mapping)
+        o = paged_attention_torch(q, kv[0], kv[1], batch.block_tables, batch.query_starts, batch.query_lens,
+                                  batch.context_lens, cfg.head_dim ** -0.5, cfg.sliding_window)
+        return self.o_proj(o.flatten(1), g)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False)
+        self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False)
+        self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, False)
+
+    def forward(self, x: torch.Tensor, g: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x, g)) * self.up_proj(x, g), g)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.lora_groups)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Module names mirror Hugging Face's, so checkpoint tensors load by name."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
+
+    def lora_modules(self) -> dict[str, LoRALinear]:
+        """Adaptable projections by their Hugging Face name (e.g. `model.layers.0.self_attn.q_proj`)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, LoRALinear)}
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Run the batch, writing its keys/values into the cache; returns logits [len(logits_indices), V]."""
+        freqs = batch.positions.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        x = self.model.embed_tokens(batch.input_ids)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, batch, kv)
+        x = self.model.norm(x.index_select(0, batch.logits_indices))
+        return self.lm_head(x).float()

@@ -1,0 +1,60 @@
+"""Load a Hugging Face model directory (config.json + single or sharded safetensors). Never unpickles."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from coserve.engine.model.config import ModelConfig
+from coserve.engine.model.llama import CausalLM, rotary_inv_freq
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files, from the shard index when there is one."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = f" (found {pickled}: pickle checkpoints are refused; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"no .safetensors weights in {model_dir}{hint}")
+    return files
+
+
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> CausalLM:
+    """Build the decoder for the directory's config and copy every checkpoint tensor into it by name."""
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device=device).to(DTYPES[dtype])
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq.copy_(rotary_inv_freq(cfg))
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in params:
+                    if "rotary_emb" in name or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                        continue
+                    raise ValueError(f"{file.name}: unexpected tensor {name!r} for a {cfg.arch} model")
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint in {model_dir} lacks tensors: {sorted(missing)[:5]}")
+    model.eval().requires_grad_(False)
+    return model

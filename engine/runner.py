@@ -1,0 +1,62 @@
+"""Executes one planned iteration: packs the chunks into a flat batch, runs the model, samples."""
+from __future__ import annotations
+
+import torch
+
+from coserve.engine.kv_cache import BlockManager
+from coserve.engine.model.llama import CausalLM, ForwardBatch
+from coserve.engine.sampling import sample
+from coserve.engine.scheduler import Chunk
+
+
+def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.device,
+                all_logits: bool = False) -> ForwardBatch:
+    """Flatten the chunks; logits are kept for sampling rows only, unless `all_logits`."""
+    ids, positions, slots, logit_rows = [], [], [], []
+    tables, starts, lens, ctxs = [], [], [], []
+    by_slot: dict[int, list[int]] = {}
+    row = 0
+    for c in chunks:
+        sid = c.seq.request_id
+        tokens = c.seq.token_ids[c.start:c.start + c.length]
+        ids.extend(tokens)
+        positions.extend(range(c.start, c.start + c.length))
+        slots.extend(blocks.slot(sid, p) for p in range(c.start, c.start + c.length))
+        tables.append(torch.tensor(blocks.tables[sid], dtype=torch.long, device=device))
+        starts.append(row)
+        lens.append(c.length)
+        ctxs.append(c.start + c.length)
+        if all_logits:
+            logit_rows.extend(range(row, row + c.length))
+        elif c.samples:
+            logit_rows.append(row + c.length - 1)
+        if c.seq.adapter_slot is not None:
+            by_slot.setdefault(c.seq.adapter_slot, []).extend(range(row, row + c.length))
+        row += c.length
+
+    def t(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return ForwardBatch(input_ids=t(ids), positions=t(positions), slot_mapping=t(slots), block_tables=tables,
+                        query_starts=starts, query_lens=lens, context_lens=ctxs, logits_indices=t(logit_rows),
+                        lora_groups=[(s, t(rows)) for s, rows in sorted(by_slot.items())])
+
+
+class Runner:
+    def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], blocks: BlockManager,
+                 device: str):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.blocks = blocks
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk]) -> tuple[list[int], list[float], torch.Tensor]:
+        """Returns the sampled token and its logprob for each sampling chunk (in order) and their logits."""
+        batch = build_batch(chunks, self.blocks, self.device)
+        logits = self.model(batch, self.kv_caches)
+        sampling = [c.seq for c in chunks if c.samples]
+        if not sampling:
+            return [], [], logits
+        tokens, logprobs = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        return tokens, logprobs, logits

@@ -1,0 +1,97 @@
+"""Builds each iteration: decode tokens first, then prefill chunks, within a token budget and the KV blocks.
+When blocks run out the latest-arrived request is preempted: its blocks are freed and it is recomputed later."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from coserve.engine.kv_cache import BlockManager
+from coserve.engine.sequence import Sequence, Status
+
+
+@dataclass
+class Chunk:
+    """Tokens [start, start + length) of `seq` to run this iteration; `samples` if they reach its end."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.length == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished (or aborted) and give its blocks back."""
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.blocks.release(seq.request_id)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq.request_id)
+        self.running.remove(seq)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _fit(self, seq: Sequence, length: int, scheduled: set[str]) -> bool:
+        """Get blocks for `length` more tokens of a running seq, preempting later unscheduled ones if needed."""
+        while not self.blocks.can_allocate(seq.request_id, seq.num_computed + length):
+            victims = [s for s in self.running if s.request_id not in scheduled]
+            victim = max(victims, key=lambda s: s.arrival)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq.request_id, seq.num_computed + length)
+        return True
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.max_batched_tokens
+        chunks: list[Chunk] = []
+        scheduled: set[str] = set()
+        preempted = False
+        decodes = [s for s in self.running if s.num_uncomputed == 1]
+        prefills = [s for s in self.running if s.num_uncomputed > 1]
+        for seq in sorted(decodes, key=lambda s: s.arrival) + sorted(prefills, key=lambda s: s.arrival):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue
+            length = min(seq.num_uncomputed, budget)
+            if not self._fit(seq, length, scheduled):
+                preempted = True
+                continue
+            chunks.append(Chunk(seq, seq.num_computed, length))
+            scheduled.add(seq.request_id)
+            budget -= length
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            length = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(seq.request_id, length):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.request_id, length)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(Chunk(seq, 0, length))
+            scheduled.add(seq.request_id)
+            budget -= length
+        return chunks

@@ -1,0 +1,38 @@
+"""Causal attention of a flat batch of query tokens over a paged KV cache (PyTorch twin; the spec)."""
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store each token's key/value at its slot (block * block_size + offset) of the paged cache."""
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: list[torch.Tensor], query_starts: list[int], query_lens: list[int],
+                          context_lens: list[int], scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Attention for sequences whose queries are the last `query_len` of `context_len` cached tokens.
+
+    q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D] in q's dtype.
+    """
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    n_rep = q.shape[1] // k_cache.shape[2]
+    for table, start, n, ctx in zip(block_tables, query_starts, query_lens, context_lens):
+        blocks = table[: (ctx + block_size - 1) // block_size]
+        k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(n_rep, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(n_rep, dim=1)
+        qs = q[start:start + n].float()
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= q_pos - k_pos < sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:start + n] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
