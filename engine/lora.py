@@ -155,3 +155,23 @@ class LoRARegistry:
 
     def free_slots(self) -> int:
         return self.max_loras - len(self.adapters) - len(self.retired)
+
+
+def write_adapter(out_dir: Path, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float,
+                  base_model: str, use_rslora: bool = False, dropout: float = 0.0) -> Path:
+    """Save {module: (A, B)} as a PEFT LoRA adapter folder that `peft.PeftModel.from_pretrained` loads."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = sorted({m.rsplit(".", 1)[-1] for m in weights})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+           "lora_dropout": dropout, "target_modules": targets, "use_rslora": use_rslora, "bias": "none",
+           "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True,
+           "init_lora_weights": True, "modules_to_save": None, "use_dora": False}
+    (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = {}
+    for module, (a, b) in weights.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().float().contiguous().cpu()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().float().contiguous().cpu()
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir

@@ -1,0 +1,117 @@
+"""Runs the engine loop on its own thread; the server talks to it through a queue of calls and gets
+outputs back on asyncio queues. Every change of engine state happens on the engine thread."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from coserve.engine.engine import LLMEngine
+from coserve.engine.metrics import Metrics
+from coserve.engine.sampling import SamplingParams
+from coserve.engine.sequence import RequestOutput
+
+log = logging.getLogger("coserve.engine")
+T = TypeVar("T")
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None):
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="coserve-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_work())
+            if not self.engine.has_work():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed iteration fails its requests, never the process
+                log.exception("engine step failed")
+                for rid in list(self.engine.requests):
+                    self.engine.abort(rid)
+                    self._deliver(rid, exc)
+                continue
+            stats = self.engine.last_step
+            self.metrics.tokens.labels("prompt").inc(stats.prefill_tokens)
+            self.metrics.tokens.labels("generation").inc(stats.decode_tokens)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            fn = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn()
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between iterations and return (or raise) its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result: Any = fn()
+            except Exception as exc:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(exc))
+            else:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+        self._inbox.put(run)
+        return await fut
+
+    def abort(self, request_id: str) -> None:
+        def run() -> None:
+            if request_id in self.engine.requests:
+                self.engine.abort(request_id)
+                self._deliver(request_id, RequestOutput(request_id, "", [], [], True, "abort", 0, 0))
+        self._inbox.put(run)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the request's deltas; leaving early (client gone) aborts it and frees its KV blocks."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            await self.call(lambda: self.engine.add_request(request_id, prompt_ids, params, adapter))
+            while not finished:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                if finished:
+                    self.metrics.requests.labels(item.finish_reason).inc()
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)

@@ -1,0 +1,126 @@
+"""The `coserve` command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from coserve.engine.config import EngineConfig
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    adapters = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise argparse.ArgumentTypeError(f"--adapter expects NAME=PATH, got {v!r}")
+        adapters[name] = path
+    return adapters
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from coserve.engine.async_engine import AsyncEngine
+    from coserve.engine.engine import LLMEngine
+    from coserve.engine.paths import resolve_under
+    from coserve.engine.server import create_app, load_token
+
+    config = EngineConfig(model=args.model, data_root=args.data_root, device=args.device, dtype=args.dtype,
+                          host=args.host, port=args.port, num_kv_blocks=args.num_kv_blocks,
+                          kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                          max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+                          max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                          served_model_name=args.served_model_name,
+                          admin_token=load_token(args.admin_token_file, os.environ.get("COSERVE_ADMIN_TOKEN")),
+                          adapters=parse_adapters(args.adapter))
+    engine = LLMEngine(config)
+    for name, path in config.adapters.items():
+        engine.loras.load(name, resolve_under(config.data_root, path), path)
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    logging.getLogger("coserve").info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
+    try:
+        uvicorn.run(create_app(async_engine), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from coserve.engine.demo_model import TinyModelSpec, write_tiny_model
+
+    out = write_tiny_model(args.dir, TinyModelSpec(arch=args.arch, seed=args.seed))
+    print(f"wrote a tiny {args.arch} model to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from coserve.engine.demo import run_demo
+
+    return run_demo(Path(args.workdir), args.requests)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coserve", description="Co-serving LLM inference and LoRA finetuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the engine: OpenAI-compatible API, admin API and /metrics",
+                           description="Load a Hugging Face model directory and serve it over HTTP.")
+    serve.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    serve.add_argument("--data-root", default=".", help="folder that every path in an admin request is under")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--admin-token-file", help="file holding the admin API bearer token "
+                                                  "(else COSERVE_ADMIN_TOKEN; neither disables the admin API)")
+    serve.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cuda", "cpu"])
+    serve.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                       help="weights and KV cache dtype (default: bfloat16 on cuda, float32 on cpu)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="load a PEFT LoRA adapter at start (PATH under --data-root); repeatable")
+    serve.add_argument("--served-model-name", help="name of the base model in the API (default: folder name)")
+    serve.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: from --kv-cache-memory)")
+    serve.add_argument("--kv-cache-memory", type=float, default=0.5,
+                       help="KV cache size: GiB on cpu, fraction of free GPU memory on cuda")
+    serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="requests in one batch at most")
+    serve.add_argument("--max-batched-tokens", type=int, default=512, help="tokens in one iteration at most")
+    serve.add_argument("--max-loras", type=int, default=8, help="adapter slots")
+    serve.add_argument("--max-lora-rank", type=int, default=128, help="largest adapter rank accepted")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    dm = sub.add_parser("demo-model", help="write the embedded tiny model as a Hugging Face directory",
+                        description="Build a tiny Llama-family model (random seeded weights, a byte-level BPE "
+                                    "tokenizer trained on shipped text) that loads like a real checkpoint.")
+    dm.add_argument("dir")
+    dm.add_argument("--arch", default="llama", choices=["llama", "qwen2", "mistral"])
+    dm.add_argument("--seed", type=int, default=0)
+    dm.set_defaults(func=cmd_demo_model)
+
+    demo = sub.add_parser("demo", help="the main job: build the tiny model, serve it, send it requests",
+                          description="End-to-end demo on the embedded tiny model: no downloads.")
+    demo.add_argument("--workdir", default="coserve-demo", help="where the model and adapters are written")
+    demo.add_argument("--requests", type=int, default=8, help="concurrent requests to send")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Prometheus metrics: latency histograms observed per request, gauges read at scrape time."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("coserve_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("coserve_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("coserve_request_latency_seconds", "End-to-end request latency",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("coserve_tokens", "Tokens processed, by kind", ["kind"], registry=r)
+        self.requests = Counter("coserve_requests", "Finished requests, by finish reason", ["reason"], registry=r)
+        self.running = Gauge("coserve_requests_running", "Requests being processed", registry=r)
+        self.waiting = Gauge("coserve_requests_waiting", "Requests waiting for KV blocks or a batch slot",
+                             registry=r)
+        self.kv_usage = Gauge("coserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        self.adapters = Gauge("coserve_adapters_loaded", "LoRA adapters loaded", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
