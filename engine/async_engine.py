@@ -51,6 +51,8 @@ class AsyncEngine:
             self.metrics.tokens.labels("prompt").inc(stats.prefill_tokens)
             self.metrics.tokens.labels("generation").inc(stats.decode_tokens)
             for out in outputs:
+                if out.finished:
+                    self.metrics.requests.labels(out.finish_reason).inc()
                 self._deliver(out.request_id, out)
 
     def _drain(self, block: bool) -> None:
@@ -91,6 +93,7 @@ class AsyncEngine:
         def run() -> None:
             if request_id in self.engine.requests:
                 self.engine.abort(request_id)
+                self.metrics.requests.labels("abort").inc()
                 self._deliver(request_id, RequestOutput(request_id, "", [], [], True, "abort", 0, 0))
         self._inbox.put(run)
 
@@ -108,8 +111,6 @@ class AsyncEngine:
                     finished = True
                     raise item
                 finished = item.finished
-                if finished:
-                    self.metrics.requests.labels(item.finish_reason).inc()
                 yield item
         finally:
             self._streams.pop(request_id, None)
