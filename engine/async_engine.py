@@ -82,7 +82,7 @@ class AsyncEngine:
             try:
                 result: Any = fn()
             except Exception as exc:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(exc))
+                loop.call_soon_threadsafe(lambda e=exc: fut.done() or fut.set_exception(e))
             else:
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
 
