@@ -19,20 +19,31 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D] in q's dtype.
     """
     out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    n_rep = q.shape[1] // k_cache.shape[2]
     for table, start, n, ctx in zip(block_tables, query_starts, query_lens, context_lens):
-        blocks = table[: (ctx + block_size - 1) // block_size]
-        k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(n_rep, dim=1)
-        v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(n_rep, dim=1)
-        qs = q[start:start + n].float()
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
-        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-        k_pos = torch.arange(ctx, device=q.device)[None, :]
-        allowed = k_pos <= q_pos
-        if sliding_window is not None:
-            allowed &= q_pos - k_pos < sliding_window
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[start:start + n] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+        k, v = gather_kv(k_cache, v_cache, table, ctx)
+        out[start:start + n] = causal_attention(q[start:start + n], k, v, scale, sliding_window)
     return out
+
+
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+              ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `ctx` keys and values of one sequence, contiguous: [ctx, Hkv, D]."""
+    blocks = table[: (ctx + k_cache.shape[1] - 1) // k_cache.shape[1]]
+    return k_cache[blocks].flatten(0, 1)[:ctx], v_cache[blocks].flatten(0, 1)[:ctx]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """Queries are the last n of ctx positions. q: [n, Hq, D]; k, v: [ctx, Hkv, D]. Differentiable."""
+    n, ctx = q.shape[0], k.shape[0]
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(n_rep, dim=1)
+    v = v.float().repeat_interleave(n_rep, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+    k_pos = torch.arange(ctx, device=q.device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= q_pos - k_pos < sliding_window
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)

@@ -3,7 +3,9 @@ projections. One forward serves any mix of prefill chunks and decode tokens of m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -28,6 +30,18 @@ class ForwardBatch:
     context_lens: list[int]
     logits_indices: torch.Tensor     # rows whose logits are wanted
     lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (adapter slot, token rows)
+    capture_rows: torch.Tensor | None = None   # rows whose layer inputs finetuning keeps
+    captured: list[torch.Tensor] = field(default_factory=list)  # per layer input, then the final hidden state
+
+
+class TrainableLoRA(Protocol):
+    """A finetuning job's adapter in autograd form; it applies to every row of the unit it is passed to."""
+
+    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None: ...
+
+
+LoRAGroups = list[tuple["int | TrainableLoRA", torch.Tensor | None]]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -47,18 +61,24 @@ class LoRALinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
+        self.name = ""                    # Hugging Face module name, set by CausalLM
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.lora_a: torch.Tensor | None = None   # [S, R, in]
         self.lora_b: torch.Tensor | None = None   # [S, out, R]
         self.lora_scale: torch.Tensor | None = None  # [S]; 0 where the slot does not adapt this module
 
-    def forward(self, x: torch.Tensor, lora_groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora_groups: LoRAGroups) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight, self.bias)
-        if self.lora_a is not None and lora_groups:
-            active = [(s, rows) for s, rows in lora_groups if self.lora_scale[s] != 0]
-            if active:
-                lora_delta_torch(x, self.lora_a, self.lora_b, self.lora_scale, active, y)
+        slots = [(s, rows) for s, rows in lora_groups
+                 if isinstance(s, int) and self.lora_scale is not None and self.lora_scale[s] != 0]
+        if slots:
+            lora_delta_torch(x, self.lora_a, self.lora_b, self.lora_scale, slots, y)
+        for owner, _ in lora_groups:
+            if not isinstance(owner, int):
+                d = owner.delta(self.name, x)
+                if d is not None:
+                    y = y + d
         return y
 
 
@@ -98,16 +118,14 @@ class Attention(nn.Module):
         self.v_proj = LoRALinear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias)
         self.o_proj = LoRALinear(cfg.num_heads * hd, cfg.hidden_size, cfg.o_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        cfg, g = self.cfg, batch.lora_groups
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, g: LoRAGroups,
+                attend: Attend) -> torch.Tensor:
+        """`attend(q, k, v)` decides where keys live: the paged cache when serving, tensors when training."""
+        cfg = self.cfg
         q = apply_rotary(self.q_proj(x, g).view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x, g).view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = self.v_proj(x, g).view(-1, cfg.num_kv_heads, cfg.head_dim)
-        write_kv_torch(k, v, kv[0], kv[1], batch.slot_mapping)
-        o = paged_attention_torch(q, kv[0], kv[1], batch.block_tables, batch.query_starts, batch.query_lens,
-                                  batch.context_lens, cfg.head_dim ** -0.5, cfg.sliding_window)
-        return self.o_proj(o.flatten(1), g)
+        return self.o_proj(attend(q, k, v).flatten(1), g)
 
 
 class MLP(nn.Module):
@@ -117,7 +135,7 @@ class MLP(nn.Module):
         self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False)
         self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, False)
 
-    def forward(self, x: torch.Tensor, g: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, g: LoRAGroups) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x, g)) * self.up_proj(x, g), g)
 
 
@@ -129,10 +147,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.lora_groups)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, g: LoRAGroups,
+                attend: Attend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, g, attend)
+        return x + self.mlp(self.post_attention_layernorm(x), g)
 
 
 class Decoder(nn.Module):
@@ -154,17 +172,34 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
+        for name, m in self.named_modules():
+            if isinstance(m, LoRALinear):
+                m.name = name
 
     def lora_modules(self) -> dict[str, LoRALinear]:
         """Adaptable projections by their Hugging Face name (e.g. `model.layers.0.self_attn.q_proj`)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, LoRALinear)}
 
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Run the batch, writing its keys/values into the cache; returns logits [len(logits_indices), V]."""
-        freqs = batch.positions.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos(), freqs.sin()
+        """Run the batch, writing its keys/values into the cache; returns logits [len(logits_indices), V].
+        Layer inputs of `capture_rows` (and their final hidden state) are appended to `batch.captured`."""
+        cos, sin = self.rotary(batch.positions)
+        cfg = self.cfg
         x = self.model.embed_tokens(batch.input_ids)
-        for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, batch, kv)
+        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                write_kv_torch(k, v, k_cache, v_cache, batch.slot_mapping)
+                return paged_attention_torch(q, k_cache, v_cache, batch.block_tables, batch.query_starts,
+                                             batch.query_lens, batch.context_lens, cfg.head_dim ** -0.5,
+                                             cfg.sliding_window)
+            if batch.capture_rows is not None:
+                batch.captured.append(x.index_select(0, batch.capture_rows))
+            x = layer(x, cos, sin, batch.lora_groups, attend)
+        if batch.capture_rows is not None:
+            batch.captured.append(x.index_select(0, batch.capture_rows))
         x = self.model.norm(x.index_select(0, batch.logits_indices))
         return self.lm_head(x).float()
