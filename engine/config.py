@@ -18,6 +18,9 @@ class EngineConfig:
     max_batched_tokens: int = 512
     max_loras: int = 8
     max_lora_rank: int = 128
+    tpot_slo_ms: float = 50.0           # latency target of one iteration; finetuning fills what inference leaves
+    max_finetune_jobs: int = 2          # jobs trained at once; more wait queued
+    finetune_kv_reserve: float = 0.1    # fraction of KV blocks finetuning never takes
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = None

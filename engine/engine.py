@@ -9,6 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 from coserve.engine.config import EngineConfig
+from coserve.engine.cost_model import CostModel, profile
+from coserve.engine.finetune.manager import FinetuneManager
 from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
 from coserve.engine.lora import LoRARegistry
 from coserve.engine.model.loader import DTYPES, load_model
@@ -33,11 +35,13 @@ class StepStats:
 
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    finetune_tokens: int = 0
+    backward_units: int = 0
     duration_s: float = 0.0
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, cost_model: CostModel | None = None):
         self.config = config
         dtype = DTYPES[config.torch_dtype_name]
         self.model = load_model(config.model, config.device, config.torch_dtype_name)
@@ -57,6 +61,8 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.last_step = StepStats()
         self.model_name = config.served_model_name or Path(config.model).name
+        self.finetune = FinetuneManager(self, config.max_finetune_jobs, config.finetune_kv_reserve)
+        self.cost = cost_model or profile(self)
 
     def _blocks_for_memory(self, dtype: torch.dtype) -> int:
         per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype)
@@ -98,23 +104,34 @@ class LLMEngine:
             self.loras.release(seq.adapter_slot)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.finetune.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns a delta for every request that produced a token."""
+        """One iteration: inference chunks first, then the finetuning forward chunks and backward units that
+        fit in what the latency target leaves; returns a delta for every request that produced a token."""
         start = time.perf_counter()
+        budget = self.config.tpot_slo_ms / 1000
         chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
-        tokens, logprobs, _ = self.runner.run(chunks)
+        inference_tokens = sum(c.length for c in chunks)
+        ft_chunks: list = []
+        if self.finetune.has_work():
+            left = budget - (self.cost.forward_s(inference_tokens) if chunks else 0.0)
+            ft_chunks = self.finetune.plan_forward(left, self.config.max_batched_tokens - inference_tokens,
+                                                   self.cost, bool(chunks))
         outputs: list[RequestOutput] = []
-        samplers = [c for c in chunks if c.samples]
-        for c in chunks:
-            c.seq.num_computed += c.length
-        for c, token, logprob in zip(samplers, tokens, logprobs):
-            outputs.append(self._append_token(c.seq, token, logprob))
+        if chunks or ft_chunks:
+            tokens, logprobs, kept = self.runner.run(chunks + ft_chunks)
+            for c in chunks:
+                c.seq.num_computed += c.length
+            for c, token, logprob in zip([c for c in chunks if c.samples], tokens, logprobs):
+                outputs.append(self._append_token(c.seq, token, logprob))
+            self.finetune.forward_done(ft_chunks, kept)
+        units = 0
+        if self.finetune.has_work():
+            units = self.finetune.run_backward(start, budget, self.cost, must_progress=not chunks)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
-        self.last_step = StepStats(sum(c.length for c in chunks) - decode, decode, time.perf_counter() - start)
+        self.last_step = StepStats(inference_tokens - decode, decode, sum(c.length for c in ft_chunks), units,
+                                   time.perf_counter() - start)
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:

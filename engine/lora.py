@@ -70,10 +70,11 @@ class LoRARegistry:
         self.adapters: dict[str, AdapterInfo] = {}
         self.refs = [0] * max_loras        # requests holding each slot
         self.retired: set[int] = set()     # slots of replaced adapters, freed when unreferenced
+        self.training: set[int] = set()    # slots that finetuning jobs write into
         self.rank = 0                      # current width of the stacks
 
     def _free_slot(self) -> int:
-        used = {a.slot for a in self.adapters.values()} | self.retired
+        used = {a.slot for a in self.adapters.values()} | self.retired | self.training
         for slot in range(self.max_loras):
             if slot not in used:
                 return slot
@@ -116,16 +117,7 @@ class LoRARegistry:
         rslora = bool(cfg.get("use_rslora", False))
         scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         slot = self._free_slot()
-        if rank > self.rank:
-            self._grow(rank)
-        for name_, m in self.modules.items():
-            m.lora_a[slot].zero_()
-            m.lora_b[slot].zero_()
-            m.lora_scale[slot] = 0.0
-            if name_ in modules:
-                m.lora_a[slot, :rank] = modules[name_]["A"].to(m.lora_a.dtype)
-                m.lora_b[slot, :, :rank] = modules[name_]["B"].to(m.lora_b.dtype)
-                m.lora_scale[slot] = scaling
+        self.write_slot(slot, {k: (v["A"], v["B"]) for k, v in modules.items()}, scaling)
         old = self.adapters.get(name)
         if old is not None:
             self._retire(old.slot)
@@ -133,6 +125,30 @@ class LoRARegistry:
         info = AdapterInfo(name, display_path or str(adapter_dir), slot, rank, alpha, scaling, rslora, targets)
         self.adapters[name] = info
         return info
+
+    def write_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
+        """Put {module: (A, B)} into a slot; modules not named get no delta from it."""
+        rank = max(a.shape[0] for a, _ in weights.values())
+        if rank > self.rank:
+            self._grow(rank)
+        with torch.no_grad():
+            for name, m in self.modules.items():
+                m.lora_a[slot].zero_()
+                m.lora_b[slot].zero_()
+                m.lora_scale[slot] = 0.0
+                if name in weights:
+                    a, b = weights[name]
+                    m.lora_a[slot, : a.shape[0]] = a.to(m.lora_a.dtype)
+                    m.lora_b[slot, :, : a.shape[0]] = b.to(m.lora_b.dtype)
+                    m.lora_scale[slot] = scaling
+
+    def reserve_training_slot(self) -> int:
+        slot = self._free_slot()
+        self.training.add(slot)
+        return slot
+
+    def release_training_slot(self, slot: int) -> None:
+        self.training.discard(slot)
 
     def _retire(self, slot: int) -> None:
         if self.refs[slot]:
@@ -154,7 +170,7 @@ class LoRARegistry:
             self.retired.discard(slot)
 
     def free_slots(self) -> int:
-        return self.max_loras - len(self.adapters) - len(self.retired)
+        return self.max_loras - len(self.adapters) - len(self.retired) - len(self.training)
 
 
 def write_adapter(out_dir: Path, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float,

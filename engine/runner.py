@@ -12,7 +12,7 @@ from coserve.engine.scheduler import Chunk
 def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.device,
                 all_logits: bool = False) -> ForwardBatch:
     """Flatten the chunks; logits are kept for sampling rows only, unless `all_logits`."""
-    ids, positions, slots, logit_rows = [], [], [], []
+    ids, positions, slots, logit_rows, capture = [], [], [], [], []
     tables, starts, lens, ctxs = [], [], [], []
     by_slot: dict[int, list[int]] = {}
     row = 0
@@ -26,6 +26,8 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
         starts.append(row)
         lens.append(c.length)
         ctxs.append(c.start + c.length)
+        if c.finetune:
+            capture.extend(range(row, row + c.length))
         if all_logits:
             logit_rows.extend(range(row, row + c.length))
         elif c.samples:
@@ -39,7 +41,8 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
 
     return ForwardBatch(input_ids=t(ids), positions=t(positions), slot_mapping=t(slots), block_tables=tables,
                         query_starts=starts, query_lens=lens, context_lens=ctxs, logits_indices=t(logit_rows),
-                        lora_groups=[(s, t(rows)) for s, rows in sorted(by_slot.items())])
+                        lora_groups=[(s, t(rows)) for s, rows in sorted(by_slot.items())],
+                        capture_rows=t(capture) if capture else None)
 
 
 class Runner:
@@ -50,13 +53,19 @@ class Runner:
         self.blocks = blocks
         self.device = device
 
-    @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> tuple[list[int], list[float], torch.Tensor]:
-        """Returns the sampled token and its logprob for each sampling chunk (in order) and their logits."""
+    @torch.no_grad()
+    def run(self, chunks: list[Chunk]) -> tuple[list[int], list[float], list[list[torch.Tensor]]]:
+        """The sampled token and its logprob for each sampling chunk (in order), and for each finetuning
+        chunk its kept activations (each layer's input, then the final hidden state)."""
         batch = build_batch(chunks, self.blocks, self.device)
         logits = self.model(batch, self.kv_caches)
+        kept, row = [], 0
+        for c in chunks:
+            if c.finetune:
+                kept.append([h[row:row + c.length] for h in batch.captured])
+                row += c.length
         sampling = [c.seq for c in chunks if c.samples]
         if not sampling:
-            return [], [], logits
+            return [], [], kept
         tokens, logprobs = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
-        return tokens, logprobs, logits
+        return tokens, logprobs, kept

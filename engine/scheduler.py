@@ -11,15 +11,17 @@ from coserve.engine.sequence import Sequence, Status
 
 @dataclass
 class Chunk:
-    """Tokens [start, start + length) of `seq` to run this iteration; `samples` if they reach its end."""
+    """Tokens [start, start + length) of `seq` to run this iteration; an inference chunk `samples` when it
+    reaches the end of its tokens; a finetuning chunk never samples, its layer inputs are kept instead."""
 
     seq: Sequence
     start: int
     length: int
+    finetune: bool = False
 
     @property
     def samples(self) -> bool:
-        return self.start + self.length == self.seq.num_tokens
+        return not self.finetune and self.start + self.length == self.seq.num_tokens
 
 
 class Scheduler:

@@ -31,7 +31,8 @@ def llama_dir(model_dirs: dict[str, Path]) -> Path:
 def make_engine(model_dir: Path, **overrides) -> LLMEngine:
     settings = {"num_kv_blocks": 128, "block_size": 4, "max_batched_tokens": 64}
     settings.update(overrides)
-    return LLMEngine(EngineConfig(model=str(model_dir), **settings))
+    cost = settings.pop("cost_model", None)
+    return LLMEngine(EngineConfig(model=str(model_dir), **settings), cost)
 
 
 def hf_model(model_dir: Path):

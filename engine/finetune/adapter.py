@@ -1,0 +1,62 @@
+"""A finetuning job's LoRA parameters (fp32 masters), usable by backward units and written to a serving slot."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from coserve.engine.finetune.spec import LoRASpec
+from coserve.engine.model.llama import CausalLM
+
+
+class TrainAdapter:
+    """Implements the model's `TrainableLoRA`: every row of a unit gets scaling * B @ A @ x."""
+
+    def __init__(self, model: CausalLM, spec: LoRASpec, seed: int):
+        self.spec = spec
+        self.rank = spec.r
+        self.scaling = spec.alpha / math.sqrt(spec.r) if spec.use_rslora else spec.alpha / spec.r
+        g = torch.Generator().manual_seed(seed)
+        device = model.lm_head.weight.device
+        self.params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, m in model.lora_modules().items():
+            if name.rsplit(".", 1)[-1] not in spec.target_modules:
+                continue
+            out_f, in_f = m.weight.shape
+            a = torch.empty(spec.r, in_f)
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)   # PEFT's default init
+            self.params[name] = (a.to(device).requires_grad_(), torch.zeros(out_f, spec.r, device=device,
+                                                                            requires_grad=True))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for ab in self.params.values() for p in ab]
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (a, b) in self.params.items():
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = a, b
+        return out
+
+    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
+        ab = self.params.get(module)
+        if ab is None:
+            return None
+        a, b = ab
+        return ((x.float() @ a.T) @ b.T * self.scaling).to(x.dtype)
+
+    def load(self, modules: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Start from saved weights (init_from / resume_from); they must fit this job's LoRA settings."""
+        if set(modules) != set(self.params):
+            raise ValueError(f"adapter targets {sorted(modules)[:3]}..., the job's lora settings target "
+                             f"{sorted(self.params)[:3]}...")
+        with torch.no_grad():
+            for name, (a, b) in self.params.items():
+                src = modules[name]
+                if src["A"].shape != a.shape or src["B"].shape != b.shape:
+                    raise ValueError(f"{name}: saved rank/shape {tuple(src['A'].shape)} differs from the job's "
+                                     f"{tuple(a.shape)}")
+                a.copy_(src["A"])
+                b.copy_(src["B"])
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: (a.detach(), b.detach()) for name, (a, b) in self.params.items()}

@@ -1,0 +1,239 @@
+"""One finetuning job inside the engine: its data order, its adapter and optimizer, the sequence in flight
+(forward chunks, then backward units), optimizer steps, checkpoints and progress."""
+from __future__ import annotations
+
+import enum
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from coserve.engine.finetune.adapter import TrainAdapter
+from coserve.engine.finetune.backward import SavedChunk, SequenceBackward
+from coserve.engine.finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coserve.engine.finetune.dataset import Example, epoch_order
+from coserve.engine.finetune.spec import JobSpec, TrainingSpec
+from coserve.engine.sampling import SamplingParams
+from coserve.engine.scheduler import Chunk
+from coserve.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from coserve.engine.engine import LLMEngine
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def lr_lambda(t: TrainingSpec, total_steps: int):
+    """Multiplier of the base learning rate at a step (warmup, then constant, linear or cosine decay)."""
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
+        if t.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class FinetuneJob:
+    def __init__(self, spec: JobSpec, engine: "LLMEngine", sequences: list[Example], output: Path,
+                 init_dir: Path | None, resume_dir: Path | None):
+        self.spec, self.engine, self.sequences, self.output = spec, engine, sequences, output
+        t = spec.training
+        self.init_dir, self.resume_dir = init_dir, resume_dir
+        per_epoch = math.ceil(len(sequences) / t.sequences_per_step)
+        self.total_steps = min(per_epoch * t.epochs, t.max_steps or per_epoch * t.epochs)
+        self.state = JobState.QUEUED
+        self.error: str | None = None
+        self.step = 0
+        self.tokens = 0
+        self.loss: float | None = None
+        self.losses: list[float] = []
+        self.checkpoints: list[Checkpoint] = []
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.adapter: TrainAdapter | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_sched: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.slot: int | None = None
+        self.seq: Sequence | None = None          # the sequence in flight
+        self.labels: list[int] = []
+        self.saved: list[SavedChunk] = []
+        self.backward: SequenceBackward | None = None
+        self.seq_in_step = 0
+        self.step_loss = 0.0
+        self.step_targets = 0
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Take an adapter slot, build the adapter and optimizer, and restore a checkpoint if asked."""
+        eng, t = self.engine, self.spec.training
+        self.adapter = TrainAdapter(eng.model, self.spec.lora, t.seed)
+        params = self.adapter.parameters()
+        if t.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps,
+                                               weight_decay=t.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.total_steps))
+        if self.resume_dir is not None:
+            modules, opt_state, trainer = load_checkpoint(self.resume_dir)
+            self.adapter.load(modules)
+            self.optimizer.load_state_dict(opt_state)
+            self.step, self.tokens = trainer["step"], trainer["tokens"]
+            self.losses = trainer.get("losses", [])
+            self.loss = self.losses[-1] if self.losses else None
+            self.lr_sched.last_epoch = self.step - 1
+            self.lr_sched.step()
+        elif self.init_dir is not None:
+            from coserve.engine.lora import read_adapter
+            self.adapter.load(read_adapter(self.init_dir)[1])
+        self.slot = eng.loras.reserve_training_slot()
+        eng.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
+        self.state, self.started = JobState.RUNNING, time.time()
+        if self.step >= self.total_steps:
+            self._finish(JobState.SUCCEEDED)
+
+    def _release(self) -> None:
+        if self.seq is not None:
+            self.engine.blocks.release(self.seq.request_id)
+            self.seq = None
+        self.backward, self.saved = None, []
+        if self.slot is not None:
+            self.engine.loras.release_training_slot(self.slot)
+            self.slot = None
+
+    def _finish(self, state: JobState, error: str | None = None) -> None:
+        self._release()
+        self.state, self.error, self.finished = state, error, time.time()
+
+    def cancel(self) -> None:
+        if self.state in (JobState.QUEUED, JobState.RUNNING):
+            self._finish(JobState.CANCELLED)
+
+    def fail(self, error: str) -> None:
+        self._finish(JobState.FAILED, error)
+
+    @property
+    def active(self) -> bool:
+        return self.state is JobState.RUNNING
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def _sequence_indices(self, step: int) -> list[int]:
+        """The dataset rows of an optimizer step: a pure function of (seed, step), so resume sees the same."""
+        t, n = self.spec.training, len(self.sequences)
+        per_epoch = math.ceil(n / t.sequences_per_step)
+        epoch, within = divmod(step, per_epoch)
+        order = epoch_order(n, epoch, t.seed, t.shuffle)
+        return order[within * t.sequences_per_step:(within + 1) * t.sequences_per_step]
+
+    @property
+    def epoch(self) -> int:
+        per_epoch = math.ceil(len(self.sequences) / self.spec.training.sequences_per_step)
+        return min(self.step, self.total_steps - 1) // per_epoch if self.total_steps else 0
+
+    # ---- work for the scheduler ---------------------------------------------------------------------
+    def begin_sequence(self, reserve_blocks: int) -> bool:
+        """Start the next sequence of the step if the KV cache has room beyond what inference keeps."""
+        rows = self._sequence_indices(self.step)
+        example = self.sequences[rows[self.seq_in_step]]
+        rid = f"ft:{self.spec.id}:{self.step}:{self.seq_in_step}"
+        blocks = self.engine.blocks
+        if blocks.blocks_needed(rid, len(example.ids)) + reserve_blocks > blocks.num_free:
+            return False
+        if self.seq_in_step == 0:
+            self.step_targets = sum(self.sequences[i].num_targets for i in rows)
+            self.step_loss = 0.0
+        blocks.allocate(rid, len(example.ids))
+        self.seq = Sequence(rid, example.ids, SamplingParams(max_tokens=1), adapter_slot=self.slot)
+        self.labels = example.labels
+        return True
+
+    def forward_tokens_left(self) -> int:
+        return 0 if self.seq is None or self.backward is not None else self.seq.num_uncomputed
+
+    def next_chunk(self, max_tokens: int) -> Chunk:
+        length = min(self.seq.num_uncomputed, self.spec.training.chunk_tokens, max_tokens)
+        return Chunk(self.seq, self.seq.num_computed, length, finetune=True)
+
+    def forward_done(self, chunk: Chunk, captured: list[torch.Tensor]) -> None:
+        self.seq.num_computed += chunk.length
+        self.saved.append(SavedChunk(chunk.start, chunk.length, captured))
+        self.tokens += chunk.length
+        if self.seq.num_uncomputed == 0:
+            table = torch.tensor(self.engine.blocks.tables[self.seq.request_id], dtype=torch.long,
+                                 device=self.engine.kv_caches[0][0].device)
+            self.backward = SequenceBackward(self.engine.model, self.adapter, self.saved, self.labels, table,
+                                             self.engine.kv_caches, 1.0 / max(1, self.step_targets))
+            self.saved = []
+
+    def backward_unit_tokens(self) -> int:
+        return 0 if self.backward is None else self.backward.next_unit_tokens()
+
+    def run_backward_unit(self) -> None:
+        self.backward.run_unit()
+        if self.backward.done:
+            self.step_loss += self.backward.loss_sum
+            self.engine.blocks.release(self.seq.request_id)
+            self.seq, self.backward = None, None
+            self.seq_in_step += 1
+            if self.seq_in_step == len(self._sequence_indices(self.step)):
+                self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        t = self.spec.training
+        if t.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), t.max_grad_norm)
+        self.optimizer.step()
+        self.lr_sched.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
+        self.step += 1
+        self.seq_in_step = 0
+        self.loss = self.step_loss / max(1, self.step_targets)
+        self.losses.append(self.loss)
+        every = self.spec.checkpoint_every
+        if self.step == self.total_steps or (every and self.step % every == 0):
+            self.save_checkpoint()
+        if self.step >= self.total_steps:
+            self._finish(JobState.SUCCEEDED)
+
+    def save_checkpoint(self) -> Checkpoint:
+        ckpt = save_checkpoint(self.output, Path(self.engine.config.data_root).resolve(), self.step, self.adapter,
+                               self.optimizer, {"tokens": self.tokens, "losses": self.losses,
+                                                "job_id": self.spec.id}, self.engine.config.model)
+        self.checkpoints = [c for c in self.checkpoints if c.step != ckpt.step] + [ckpt]
+        return ckpt
+
+    # ---- reporting ----------------------------------------------------------------------------------
+    def activation_bytes_per_token(self) -> int:
+        cfg = self.engine.model_config
+        return (cfg.num_layers + 1) * cfg.hidden_size * self.engine.kv_caches[0][0].element_size()
+
+    def progress(self) -> dict:
+        elapsed = ((self.finished or time.time()) - self.started) if self.started else 0.0
+        return {"id": self.spec.id, "state": self.state.value, "step": self.step, "total_steps": self.total_steps,
+                "epoch": self.epoch, "tokens": self.tokens, "tokens_per_s": round(self.tokens / elapsed, 2)
+                if elapsed > 0 else 0.0, "loss": self.loss, "lr": self.lr_sched.get_last_lr()[0]
+                if self.lr_sched else self.spec.training.lr, "output": self.spec.output,
+                "checkpoints": [c.to_dict() for c in self.checkpoints], "error": self.error,
+                "created": self.created, "started": self.started, "finished": self.finished,
+                "activation_bytes_per_token": self.activation_bytes_per_token()}
+
+
+def remove_tmp_folders(output: Path) -> None:
+    """Half-written checkpoints of a process that died are never resumed from; clear them."""
+    for tmp in output.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
