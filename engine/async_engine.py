@@ -50,6 +50,8 @@ class AsyncEngine:
             stats = self.engine.last_step
             self.metrics.tokens.labels("prompt").inc(stats.prefill_tokens)
             self.metrics.tokens.labels("generation").inc(stats.decode_tokens)
+            self.metrics.tokens.labels("finetune").inc(stats.finetune_tokens)
+            self.metrics.backward_units.inc(stats.backward_units)
             for out in outputs:
                 if out.finished:
                     self.metrics.requests.labels(out.finish_reason).inc()

@@ -22,6 +22,12 @@ class Metrics:
         self.waiting = Gauge("coserve_requests_waiting", "Requests waiting for KV blocks or a batch slot",
                              registry=r)
         self.kv_usage = Gauge("coserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        self.backward_units = Counter("coserve_finetune_backward_units", "Finetuning backward units run",
+                                      registry=r)
+        self.jobs = Gauge("coserve_finetune_jobs", "Finetuning jobs, by state", ["state"], registry=r)
+        self.job_step = Gauge("coserve_finetune_step", "Optimizer steps done, by job", ["job"], registry=r)
+        self.job_loss = Gauge("coserve_finetune_loss", "Loss of the last optimizer step, by job", ["job"],
+                              registry=r)
         self.adapters = Gauge("coserve_adapters_loaded", "LoRA adapters loaded", registry=r)
 
     def render(self) -> bytes:

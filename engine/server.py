@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from coserve.engine.async_engine import AsyncEngine
 from coserve.engine.engine import RequestError
+from coserve.engine.finetune.manager import JobError, build_job
+from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.lora import AdapterError
 from coserve.engine.paths import PathError, resolve_under
 from coserve.engine.protocol import AdapterLoad, ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -87,6 +89,13 @@ def create_app(engine: AsyncEngine) -> FastAPI:
         m.waiting.set(len(core.scheduler.waiting))
         m.kv_usage.set(core.blocks.usage())
         m.adapters.set(len(core.loras.adapters))
+        jobs = list(core.finetune.jobs.values())
+        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+            m.jobs.labels(state).set(sum(j.state.value == state for j in jobs))
+        for j in jobs:
+            m.job_step.labels(j.spec.id).set(j.step)
+            if j.loss is not None:
+                m.job_loss.labels(j.spec.id).set(j.loss)
         return Response(m.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -272,7 +281,12 @@ def create_app(engine: AsyncEngine) -> FastAPI:
                 "kv_usage": round(core.blocks.usage(), 4), "adapter_slots_total": core.loras.max_loras,
                 "adapter_slots_free": core.loras.free_slots(), "max_lora_rank": core.loras.max_rank,
                 "running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting),
-                "max_model_len": core.max_model_len}
+                "max_model_len": core.max_model_len, "finetune_slots_total": core.finetune.max_active,
+                "finetune_slots_free": core.finetune.slots_free(),
+                "finetune_jobs": {s: sum(j.state.value == s for j in core.finetune.jobs.values())
+                                  for s in ("queued", "running")},
+                "load": round(core.last_step.duration_s / (cfg.tpot_slo_ms / 1000), 3),
+                "tpot_slo_ms": cfg.tpot_slo_ms}
 
     @app.get("/admin/adapters")
     async def list_adapters(request: Request) -> dict:
@@ -316,6 +330,39 @@ def create_app(engine: AsyncEngine) -> FastAPI:
         adapter_or_404(name)
         info = await engine.call(lambda: core.loras.unload(name))
         return info.to_dict()
+
+    def job_or_404(job_id: str):
+        job = core.finetune.jobs.get(job_id)
+        if job is None:
+            raise APIError(404, f"finetuning job {job_id!r} does not exist", "id", kind="not_found_error")
+        return job
+
+    @app.post("/admin/finetune/jobs", status_code=201)
+    async def create_job(spec: JobSpec, request: Request) -> dict:
+        require_admin(request)
+        try:
+            core.finetune.check_new(spec)
+            job = await asyncio.to_thread(build_job, core, spec)
+            await engine.call(lambda: core.finetune.add(job))
+        except JobError as exc:
+            raise APIError(exc.status, str(exc), exc.param) from exc
+        return job.progress()
+
+    @app.get("/admin/finetune/jobs")
+    async def list_jobs(request: Request) -> dict:
+        require_admin(request)
+        return {"jobs": [j.progress() for j in list(core.finetune.jobs.values())]}
+
+    @app.get("/admin/finetune/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request) -> dict:
+        require_admin(request)
+        return job_or_404(job_id).progress()
+
+    @app.delete("/admin/finetune/jobs/{job_id}")
+    async def cancel_job(job_id: str, request: Request) -> dict:
+        require_admin(request)
+        job_or_404(job_id)
+        return (await engine.call(lambda: core.finetune.cancel(job_id))).progress()
 
     return app
 

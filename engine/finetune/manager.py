@@ -60,12 +60,13 @@ def build_job(engine: "LLMEngine", spec: JobSpec) -> FinetuneJob:
     t = spec.training
     blocks = engine.blocks
     room = (blocks.num_blocks - int(blocks.num_blocks * engine.config.finetune_kv_reserve)) * blocks.block_size
-    if t.max_seq_len > min(room, engine.max_model_len):
+    room = min(room, engine.max_model_len)
+    if t.max_seq_len and t.max_seq_len > room:
         raise JobError(f"max_seq_len {t.max_seq_len} exceeds what this engine can hold for finetuning "
-                       f"({min(room, engine.max_model_len)} tokens)", "training.max_seq_len")
+                       f"({room} tokens)", "training.max_seq_len")
     try:
-        sequences = to_sequences(read_examples(data, spec.dataset.format, engine.tokenizer), t.max_seq_len,
-                                 t.packing)
+        sequences = to_sequences(read_examples(data, spec.dataset.format, engine.tokenizer),
+                                 t.max_seq_len or room, t.packing)
     except DatasetError as exc:
         raise JobError(f"{spec.dataset.path}: {exc}", "dataset.path") from exc
     output.mkdir(parents=True, exist_ok=True)
@@ -81,12 +82,16 @@ class FinetuneManager:
         self.jobs: dict[str, FinetuneJob] = {}
         self.turn = 0                                  # rotates which job goes first
 
-    def add(self, job: FinetuneJob) -> None:
-        if job.spec.id in self.jobs:
-            raise JobError(f"a job with id {job.spec.id!r} already exists", "id", 409)
+    def check_new(self, spec: JobSpec) -> None:
+        """Refuse a duplicate id, or a second live job writing into the same output folder."""
+        if spec.id in self.jobs:
+            raise JobError(f"a job with id {spec.id!r} already exists", "id", 409)
         busy = {j.spec.output for j in self.jobs.values() if j.state in (JobState.QUEUED, JobState.RUNNING)}
-        if job.spec.output in busy:
-            raise JobError(f"another job is writing to {job.spec.output!r}", "output", 409)
+        if spec.output in busy:
+            raise JobError(f"another job is writing to {spec.output!r}", "output", 409)
+
+    def add(self, job: FinetuneJob) -> None:
+        self.check_new(job.spec)
         self.jobs[job.spec.id] = job
         self._activate()
 

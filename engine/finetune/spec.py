@@ -49,7 +49,7 @@ class TrainingSpec(Strict):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
     sequences_per_step: int = Field(1, ge=1)
-    max_seq_len: int = Field(1024, ge=2)
+    max_seq_len: int | None = Field(None, ge=2, description="default: as long as the engine can hold")
     packing: bool = False
     shuffle: bool = True
     seed: int = 0
