@@ -128,7 +128,8 @@ class FinetuneManager:
             job.fail(f"{type(exc).__name__}: {exc}")
 
     def plan_forward(self, time_left: float, token_room: int, cost: CostModel, fixed_paid: bool) -> list[Chunk]:
-        """Forward chunks of the jobs' sequences that fit in the time and tokens left this iteration."""
+        """Forward chunks of the jobs' sequences that fit in the time and tokens left this iteration. With no
+        inference in the iteration (nothing to protect) one chunk goes ahead even past the target."""
         chunks: list[Chunk] = []
         reserve = int(self.engine.blocks.num_blocks * self.kv_reserve)
         for job in self.active():
@@ -138,6 +139,8 @@ class FinetuneManager:
                 continue
             spare = time_left - (0.0 if fixed_paid or chunks else cost.fwd_fixed_s)
             n = min(token_room, int(spare / cost.fwd_per_token_s))
+            if n < 1 and not fixed_paid and not chunks:
+                n = token_room
             if n < 1:
                 continue
             chunk = job.next_chunk(n)

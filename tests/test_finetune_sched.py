@@ -1,0 +1,155 @@
+"""Co-serving invariants: inference output is untouched by concurrent finetuning, inference is admitted
+first and finetuning only fills what the latency target leaves, and finetuning progresses under load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_engine
+from coserve.engine.cost_model import CostModel
+from coserve.engine.finetune.job import JobState
+from coserve.engine.finetune.manager import build_job
+from coserve.engine.finetune.spec import JobSpec
+from coserve.engine.sampling import SamplingParams
+from test_finetune_train import write_task
+from test_lora_vs_peft import ADAPTERS, make_peft_adapter
+
+PROMPTS = ["Hello, world! How are", "One, two, three", "The quick brown fox", "Monday, Tuesday"]
+
+
+def spec(job_id: str, **training) -> JobSpec:
+    return JobSpec.model_validate({"id": job_id, "dataset": {"path": "task.jsonl", "format": "prompt_completion"},
+                                   "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                                   "output": job_id, "training": {"lr": 0.01, "epochs": 3, "chunk_tokens": 4,
+                                                                  **training}})
+
+
+def serve_all(engine, with_jobs: int) -> list[tuple[list[int], list[float]]]:
+    """Run the same inference requests, optionally beside finetuning jobs; returns tokens and logprobs."""
+    for i in range(with_jobs):
+        engine.finetune.add(build_job(engine, spec(f"job{i}")))
+    seqs = []
+    for i, p in enumerate(PROMPTS * 2):
+        engine.add_request(f"r{i}", engine.tokenizer(p).input_ids,
+                           SamplingParams(max_tokens=12, temperature=0.8 if i % 2 else 0, seed=i, ignore_eos=True,
+                                          logprobs=True), "other" if i % 3 == 0 else None)
+        seqs.append(engine.requests[f"r{i}"])
+    while any(s.finish_reason is None for s in seqs):
+        engine.step()
+    return [(s.output_ids, s.output_logprobs) for s in seqs]
+
+
+def test_base_and_other_adapters_are_unchanged_by_concurrent_finetuning(llama_dir, tmp_path):
+    """Tokens are identical; logprobs agree to float rounding (a matmul over more rows may round differently,
+    exactly as when other inference requests share the batch)."""
+    write_task(tmp_path)
+    make_peft_adapter(llama_dir, tmp_path / "other", 5, **ADAPTERS["qv-r4"])
+    outputs = []
+    for jobs in (0, 2):
+        engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=1e6,
+                             cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
+        engine.loras.load("other", tmp_path / "other")
+        outputs.append(serve_all(engine, jobs))
+        if jobs:
+            assert sum(j.tokens for j in engine.finetune.jobs.values()) > 0
+    for (tokens_a, lps_a), (tokens_b, lps_b) in zip(*outputs):
+        assert tokens_a == tokens_b
+        assert lps_a == pytest.approx(lps_b, abs=1e-5)
+
+
+def test_inference_first_and_finetuning_fills_only_the_remaining_budget(llama_dir, tmp_path):
+    write_task(tmp_path)
+    cost = CostModel(fwd_fixed_s=0.001, fwd_per_token_s=0.0001, unit_fixed_s=0.0, unit_per_token_s=1e-9)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=5.0, cost_model=cost,
+                         max_batched_tokens=64)
+    job = build_job(engine, spec("fill", chunk_tokens=64))
+    engine.finetune.add(job)
+    long_prompt = engine.tokenizer("word " * 45).input_ids
+    engine.add_request("big", long_prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    engine.add_request("small", [5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    saw_full, saw_shared = False, False
+    while engine.requests:
+        engine.step()
+        s = engine.last_step
+        inference = s.prefill_tokens + s.decode_tokens
+        if s.finetune_tokens:
+            assert cost.forward_s(inference + s.finetune_tokens) <= 0.005 + 1e-12
+        if cost.forward_s(inference) >= 0.005:
+            assert s.finetune_tokens == 0
+            saw_full = True
+        saw_shared |= bool(inference and s.finetune_tokens)
+    assert saw_full and saw_shared
+    assert job.tokens > 0 and job.step > 0, "finetuning progressed while inference ran"
+
+
+def test_finetuning_never_delays_inference_past_a_tiny_target(llama_dir, tmp_path):
+    write_task(tmp_path)
+    cost = CostModel(fwd_fixed_s=0.01, fwd_per_token_s=0.001, unit_fixed_s=0.01, unit_per_token_s=0.001)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=1.0, cost_model=cost)
+    job = build_job(engine, spec("starved"))
+    engine.finetune.add(job)
+    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    while engine.requests:
+        engine.step()
+        assert engine.last_step.finetune_tokens == 0 and engine.last_step.backward_units == 0
+    steps_before = job.tokens
+    for _ in range(200):   # once inference is idle, finetuning takes whole iterations
+        if not engine.has_work():
+            break
+        engine.step()
+    assert job.tokens > steps_before
+
+
+def test_concurrent_jobs_each_train_their_own_adapter_and_queue_beyond_the_limit(llama_dir, tmp_path):
+    write_task(tmp_path)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=1e6, max_finetune_jobs=2,
+                         cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
+    jobs = [build_job(engine, spec(f"j{i}", seed=i)) for i in range(3)]
+    for job in jobs:
+        engine.finetune.add(job)
+    assert [j.state for j in jobs] == [JobState.RUNNING, JobState.RUNNING, JobState.QUEUED]
+    while engine.has_work():
+        engine.step()
+    assert all(j.state is JobState.SUCCEEDED for j in jobs)
+    assert len({json.dumps(j.losses) for j in jobs}) == 3
+    assert engine.loras.free_slots() == engine.loras.max_loras
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_cancel_keeps_checkpoints_and_frees_everything(llama_dir, tmp_path):
+    write_task(tmp_path)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=1e6,
+                         cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
+    job = build_job(engine, spec("c").model_copy(update={"checkpoint_every": 2}))
+    engine.finetune.add(job)
+    while job.step < 3:
+        engine.step()
+    engine.step()
+    engine.finetune.cancel("c")
+    assert job.state is JobState.CANCELLED
+    assert [c.step for c in job.checkpoints] == [2] and (tmp_path / "c/checkpoint-2/adapter_model.safetensors").is_file()
+    assert engine.blocks.num_free == engine.blocks.num_blocks and engine.loras.free_slots() == engine.loras.max_loras
+    assert not engine.has_work()
+
+
+@pytest.mark.parametrize("update, param", [
+    ({"dataset": {"path": "../outside.jsonl"}}, "dataset.path"),
+    ({"output": "/abs/out"}, "output"),
+    ({"output": "x/../../out"}, "output"),
+    ({"dataset": {"path": "missing.jsonl"}}, "dataset.path"),
+    ({"init_from": "nope"}, "init_from"),
+    ({"resume_from": "task.jsonl"}, "resume_from"),
+    ({"training": {"max_seq_len": 100000}}, "training.max_seq_len"),
+])
+def test_bad_job_settings_are_refused_before_training(llama_dir, tmp_path, update, param):
+    from coserve.engine.finetune.manager import JobError
+
+    write_task(tmp_path)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
+    body = spec("bad").model_dump()
+    for key, value in update.items():
+        body[key] = {**body[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(JobError) as err:
+        build_job(engine, JobSpec.model_validate(body))
+    assert err.value.param == param
