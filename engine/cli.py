@@ -33,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                          tpot_slo_ms=args.tpot_slo_ms, max_finetune_jobs=args.max_finetune_jobs,
                           served_model_name=args.served_model_name,
                           admin_token=load_token(args.admin_token_file, os.environ.get("COSERVE_ADMIN_TOKEN")),
                           adapters=parse_adapters(args.adapter))
@@ -60,7 +61,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from coserve.engine.demo import run_demo
 
-    return run_demo(Path(args.workdir), args.requests)
+    return run_demo(Path(args.workdir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batched-tokens", type=int, default=512, help="tokens in one iteration at most")
     serve.add_argument("--max-loras", type=int, default=8, help="adapter slots")
     serve.add_argument("--max-lora-rank", type=int, default=128, help="largest adapter rank accepted")
+    serve.add_argument("--tpot-slo-ms", type=float, default=50.0,
+                       help="latency target of one iteration (time per output token); finetuning work fills "
+                            "what inference leaves of it")
+    serve.add_argument("--max-finetune-jobs", type=int, default=2, help="finetuning jobs trained at once")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
@@ -100,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.set_defaults(func=cmd_demo_model)
 
-    demo = sub.add_parser("demo", help="the main job: build the tiny model, serve it, send it requests",
-                          description="End-to-end demo on the embedded tiny model: no downloads.")
-    demo.add_argument("--workdir", default="coserve-demo", help="where the model and adapters are written")
-    demo.add_argument("--requests", type=int, default=8, help="concurrent requests to send")
+    demo = sub.add_parser("demo", help="the main job: serve the tiny model while a LoRA job trains beside it",
+                          description="Co-serving demo on the embedded tiny model (no downloads): inference "
+                                      "requests and a finetuning job share the engine's iterations.")
+    demo.add_argument("--workdir", default="coserve-demo", help="where the model, data and adapters go")
     demo.set_defaults(func=cmd_demo)
     return parser
 

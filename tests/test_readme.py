@@ -30,6 +30,8 @@ def test_main_job_runs_on_the_embedded_default(tmp_path):
     out = subprocess.run([sys.executable, "-m", "coserve.engine.cli", "demo", "--workdir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "served models: ['tiny-llama', 'demo-lora']" in out.stdout
-    assert re.search(r"\d+ tokens in [\d.]+s", out.stdout)
+    taught = re.findall(r"demo-job -> '(.*)'   \(taught: '(.*)'\)", out.stdout)
+    assert len(taught) == 5 and all(got == want for got, want in taught), out.stdout[-2000:]
+    assert re.search(r"while serving [1-9]\d* inference tokens", out.stdout)
+    assert "checkpoint written: adapters/demo-job/checkpoint-" in out.stdout
     assert (tmp_path / "model" / "model.safetensors").is_file()
