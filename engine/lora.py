@@ -93,6 +93,7 @@ class LoRARegistry:
             m.lora_a, m.lora_b = a, b
             if m.lora_scale is None:
                 m.lora_scale = torch.zeros(self.max_loras, dtype=torch.float32, device=p.device)
+                m.lora_on = [False] * self.max_loras
         self.rank = rank
 
     def load(self, name: str, adapter_dir: Path, display_path: str | None = None) -> AdapterInfo:
@@ -136,6 +137,7 @@ class LoRARegistry:
                 m.lora_a[slot].zero_()
                 m.lora_b[slot].zero_()
                 m.lora_scale[slot] = 0.0
+                m.lora_on[slot] = name in weights and scaling != 0
                 if name in weights:
                     a, b = weights[name]
                     m.lora_a[slot, : a.shape[0]] = a.to(m.lora_a.dtype)

@@ -14,6 +14,7 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
     """Flatten the chunks; logits are kept for sampling rows only, unless `all_logits`."""
     ids, positions, slots, logit_rows, capture = [], [], [], [], []
     tables, starts, lens, ctxs = [], [], [], []
+    dec_rows, dec_tables, dec_ctxs = [], [], []
     by_slot: dict[int, list[int]] = {}
     row = 0
     for c in chunks:
@@ -22,10 +23,15 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
         ids.extend(tokens)
         positions.extend(range(c.start, c.start + c.length))
         slots.extend(blocks.slot(sid, p) for p in range(c.start, c.start + c.length))
-        tables.append(torch.tensor(blocks.tables[sid], dtype=torch.long, device=device))
-        starts.append(row)
-        lens.append(c.length)
-        ctxs.append(c.start + c.length)
+        if c.length == 1:
+            dec_rows.append(row)
+            dec_tables.append(blocks.tables[sid])
+            dec_ctxs.append(c.start + 1)
+        else:
+            tables.append(torch.tensor(blocks.tables[sid], dtype=torch.long, device=device))
+            starts.append(row)
+            lens.append(c.length)
+            ctxs.append(c.start + c.length)
         if c.finetune:
             capture.extend(range(row, row + c.length))
         if all_logits:
@@ -39,10 +45,16 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
     def t(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    return ForwardBatch(input_ids=t(ids), positions=t(positions), slot_mapping=t(slots), block_tables=tables,
-                        query_starts=starts, query_lens=lens, context_lens=ctxs, logits_indices=t(logit_rows),
-                        lora_groups=[(s, t(rows)) for s, rows in sorted(by_slot.items())],
-                        capture_rows=t(capture) if capture else None)
+    batch = ForwardBatch(input_ids=t(ids), positions=t(positions), slot_mapping=t(slots), block_tables=tables,
+                         query_starts=starts, query_lens=lens, context_lens=ctxs, logits_indices=t(logit_rows),
+                         lora_groups=[(s, t(rows)) for s, rows in sorted(by_slot.items())],
+                         capture_rows=t(capture) if capture else None)
+    if dec_rows:
+        width = max(len(tb) for tb in dec_tables)
+        batch.decode_rows, batch.decode_context_lens = t(dec_rows), t(dec_ctxs)
+        batch.decode_tables = t([tb + [0] * (width - len(tb)) for tb in dec_tables]).view(len(dec_rows), width)
+        batch.decode_max_context = max(dec_ctxs)
+    return batch
 
 
 class Runner:

@@ -51,13 +51,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
     """One token per row. A row with a generator is reproducible whatever else is in the batch."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    tokens: list[int] = []
+    tokens: list[int] = logits.argmax(dim=-1).tolist()   # one device sync for all greedy rows
     for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
-            tokens.append(int(torch.argmax(logits[row])))
-            continue
-        filtered = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=gen)))
+        if not p.greedy:
+            filtered = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)
+            probs = torch.softmax(filtered, dim=-1)
+            tokens[row] = int(torch.multinomial(probs.cpu(), 1, generator=gen))
     chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens, device=logits.device)]
     return tokens, chosen.tolist()

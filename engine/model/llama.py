@@ -12,7 +12,7 @@ from torch import nn
 
 from coserve.engine.model.config import ModelConfig
 from coserve.kernels.lora import lora_delta_torch
-from coserve.kernels.paged_attention import paged_attention_torch, write_kv_torch
+from coserve.kernels.paged_attention import decode_attention_torch, paged_attention_torch, write_kv_torch
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -24,11 +24,15 @@ class ForwardBatch:
     input_ids: torch.Tensor          # [T]
     positions: torch.Tensor          # [T]
     slot_mapping: torch.Tensor       # [T] cache slot of each token
-    block_tables: list[torch.Tensor]
+    block_tables: list[torch.Tensor]  # sequences with several query tokens (prefill chunks) ...
     query_starts: list[int]
     query_lens: list[int]
     context_lens: list[int]
     logits_indices: torch.Tensor     # rows whose logits are wanted
+    decode_rows: torch.Tensor | None = None     # ... and sequences with one (decode), attended in one pass
+    decode_tables: torch.Tensor | None = None   # [B, blocks], padded
+    decode_context_lens: torch.Tensor | None = None
+    decode_max_context: int = 0
     lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (adapter slot, token rows)
     capture_rows: torch.Tensor | None = None   # rows whose layer inputs finetuning keeps
     captured: list[torch.Tensor] = field(default_factory=list)  # per layer input, then the final hidden state
@@ -67,11 +71,11 @@ class LoRALinear(nn.Module):
         self.lora_a: torch.Tensor | None = None   # [S, R, in]
         self.lora_b: torch.Tensor | None = None   # [S, out, R]
         self.lora_scale: torch.Tensor | None = None  # [S]; 0 where the slot does not adapt this module
+        self.lora_on: list[bool] = []     # host copy of lora_scale != 0, so the hot path never syncs
 
     def forward(self, x: torch.Tensor, lora_groups: LoRAGroups) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight, self.bias)
-        slots = [(s, rows) for s, rows in lora_groups
-                 if isinstance(s, int) and self.lora_scale is not None and self.lora_scale[s] != 0]
+        slots = [(s, rows) for s, rows in lora_groups if isinstance(s, int) and self.lora_on and self.lora_on[s]]
         if slots:
             lora_delta_torch(x, self.lora_a, self.lora_b, self.lora_scale, slots, y)
         for owner, _ in lora_groups:
@@ -193,9 +197,14 @@ class CausalLM(nn.Module):
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 write_kv_torch(k, v, k_cache, v_cache, batch.slot_mapping)
+                out = torch.empty_like(q)
+                if batch.decode_rows is not None:
+                    out[batch.decode_rows] = decode_attention_torch(
+                        q[batch.decode_rows], k_cache, v_cache, batch.decode_tables, batch.decode_context_lens,
+                        batch.decode_max_context, cfg.head_dim ** -0.5, cfg.sliding_window)
                 return paged_attention_torch(q, k_cache, v_cache, batch.block_tables, batch.query_starts,
                                              batch.query_lens, batch.context_lens, cfg.head_dim ** -0.5,
-                                             cfg.sliding_window)
+                                             cfg.sliding_window, out)
             if batch.capture_rows is not None:
                 batch.captured.append(x.index_select(0, batch.capture_rows))
             x = layer(x, cos, sin, batch.lora_groups, attend)

@@ -1,0 +1,242 @@
+"""Co-serving benchmark: inference alone, finetuning alone, and both in the same engine, against Hugging Face
+transformers (generate) and PEFT (training loop) on the same GPU, model and shapes. Prints one JSON object.
+
+    python bench/coserve_bench.py            # a ~1.1B Llama-shaped model with random weights, bf16, on cuda
+    python bench/coserve_bench.py --small    # seconds on a CPU: checks the script, measures nothing useful
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_coserve() -> None:
+    """Use the installed package, or map the source folders when the machine has not installed it."""
+    try:
+        import coserve.engine  # noqa: F401
+    except ImportError:
+        import importlib.util
+        import types
+        pkg = types.ModuleType("coserve")
+        pkg.__path__ = []
+        sys.modules["coserve"] = pkg
+        for name in ("kernels", "engine"):
+            spec = importlib.util.spec_from_file_location(f"coserve.{name}", ROOT / name / "__init__.py",
+                                                          submodule_search_locations=[str(ROOT / name)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[f"coserve.{name}"] = module
+            spec.loader.exec_module(module)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_model(out: Path, small: bool) -> Path:
+    from coserve.engine.demo_model import TinyModelSpec, write_tiny_model
+    if small:
+        spec = TinyModelSpec()
+    else:   # TinyLlama-1.1B's shape
+        spec = TinyModelSpec(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
+                             num_heads=32, num_kv_heads=4, max_position_embeddings=4096)
+    return write_tiny_model(out, spec)
+
+
+def bench_ours_inference(engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    from coserve.engine.sampling import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    engine.generate([p[:8] for p in prompts[:2]], SamplingParams(max_tokens=4, temperature=0))   # warm-up
+    step_times: list[float] = []
+    for i, p in enumerate(prompts):
+        engine.add_request(f"inf{i}", p, params)
+    sync()
+    t0 = time.perf_counter()
+    generated = 0
+    while engine.scheduler.has_work():
+        s0 = time.perf_counter()
+        engine.step()
+        sync()
+        if engine.last_step.decode_tokens and not engine.last_step.prefill_tokens:
+            step_times.append(time.perf_counter() - s0)
+        generated += engine.last_step.decode_tokens
+    elapsed = time.perf_counter() - t0
+    total = len(prompts) * max_tokens
+    return {"tokens_per_s": total / elapsed, "seconds": elapsed,
+            "decode_step_ms_p50": 1000 * statistics.median(step_times)}
+
+
+def bench_hf_inference(model_dir: Path, prompts: list[list[int]], max_tokens: int, dtype, device) -> dict:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    ids = torch.tensor(prompts, device=device)
+    model.generate(ids[:2, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    sync()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    sync()
+    elapsed = time.perf_counter() - t0
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"tokens_per_s": len(prompts) * max_tokens / elapsed, "seconds": elapsed}
+
+
+def job_spec(data_root: Path, seq_len: int, steps: int, job_id: str):
+    from coserve.engine.finetune.spec import JobSpec
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(str(int(x)) for x in torch.randint(0, 999, (seq_len,), generator=g))}
+            for _ in range(steps)]
+    (data_root / "bench.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return JobSpec.model_validate({"id": job_id, "dataset": {"path": "bench.jsonl", "format": "text"},
+                                   "output": f"out-{job_id}",
+                                   "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
+                                   "training": {"lr": 1e-4, "max_steps": steps, "max_seq_len": seq_len,
+                                                "chunk_tokens": 128, "shuffle": False}})
+
+
+def bench_ours_finetune(engine, data_root: Path, seq_len: int, steps: int, job_id: str) -> tuple[dict, object]:
+    from coserve.engine.finetune.manager import build_job
+    job = build_job(engine, job_spec(data_root, seq_len, steps, job_id))
+    engine.finetune.add(job)
+    sync()
+    t0 = time.perf_counter()
+    while engine.finetune.has_work():
+        engine.step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    return {"tokens_per_s": job.tokens / elapsed, "seconds": elapsed, "state": job.state.value,
+            "activation_bytes_per_token": job.activation_bytes_per_token()}, job
+
+
+def bench_peft_finetune(model_dir: Path, job, dtype, device) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    seqs = [torch.tensor([s.ids], device=device) for s in job.sequences]
+    tokens = 0
+
+    def train_step(ids: torch.Tensor) -> None:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    train_step(seqs[0])
+    sync()
+    if torch.cuda.is_available():
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for ids in seqs:
+        train_step(ids)
+        tokens += ids.shape[1]
+    sync()
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() - base if torch.cuda.is_available() else 0
+    del model, opt
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed,
+            "activation_bytes_per_token": peak / seqs[0].shape[1]}
+
+
+def bench_coserve(engine, data_root: Path, prompts, max_tokens: int, seq_len: int, steps: int) -> dict:
+    from coserve.engine.finetune.manager import build_job
+    from coserve.engine.sampling import SamplingParams
+    job = build_job(engine, job_spec(data_root, seq_len, steps * 100, "cojob"))
+    engine.finetune.add(job)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"co{i}", p, params)
+    step_times: list[float] = []
+    sync()
+    t0 = time.perf_counter()
+    while engine.scheduler.has_work():
+        s0 = time.perf_counter()
+        engine.step()
+        sync()
+        if engine.last_step.decode_tokens and not engine.last_step.prefill_tokens:
+            step_times.append(time.perf_counter() - s0)
+    elapsed = time.perf_counter() - t0
+    ft_tokens = job.tokens
+    engine.finetune.cancel("cojob")
+    return {"inference_tokens_per_s": len(prompts) * max_tokens / elapsed, "finetune_tokens_per_s":
+            ft_tokens / elapsed, "tpot_ms_p50": 1000 * statistics.median(step_times),
+            "tpot_ms_p99": 1000 * sorted(step_times)[int(0.99 * (len(step_times) - 1))], "seconds": elapsed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--slo-factor", type=float, default=1.5, help="TPOT target = factor x inference-only TPOT")
+    args = ap.parse_args()
+    import_coserve()
+    from coserve.engine.config import EngineConfig
+    from coserve.engine.engine import LLMEngine
+
+    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
+    dtype_name = "bfloat16" if device == "cuda" else "float32"
+    dtype = getattr(torch, dtype_name)
+    if args.small:
+        args.batch, args.prompt_len, args.max_tokens, args.seq_len, args.steps = 4, 16, 8, 64, 2
+    work = Path(tempfile.mkdtemp())
+    model_dir = build_model(work / "model", args.small)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(10, 500, (args.batch, args.prompt_len), generator=g).tolist()
+
+    def engine(slo_ms: float) -> LLMEngine:
+        return LLMEngine(EngineConfig(model=str(model_dir), data_root=str(work), device=device, dtype=dtype_name,
+                                      kv_cache_memory=0.3 if device == "cuda" else 0.25, tpot_slo_ms=slo_ms,
+                                      max_batched_tokens=1024, max_num_seqs=args.batch))
+
+    eng = engine(1e6)
+    ours_inf = bench_ours_inference(eng, prompts, args.max_tokens)
+    ours_ft, job = bench_ours_finetune(eng, work, args.seq_len, args.steps, "ftonly")
+    slo = args.slo_factor * ours_inf["decode_step_ms_p50"]
+    eng.config.tpot_slo_ms = slo
+    co = bench_coserve(eng, work, prompts, args.max_tokens, args.seq_len, args.steps)
+    cost = eng.cost.to_dict()
+    del eng
+    hf_inf = bench_hf_inference(model_dir, prompts, args.max_tokens, dtype, device)
+    peft_ft = bench_peft_finetune(model_dir, job, dtype, device)
+    result = {
+        "benchmark": "coserve_bench", "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+        "shapes": {"model": "TinyLlama-1.1B shape, random weights" if not args.small else "tiny", "dtype": dtype_name,
+                   "batch": args.batch, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+                   "finetune_seq_len": args.seq_len, "lora": "r=16 q_proj,v_proj"},
+        "cost_model": cost,
+        "inference": {"ours": ours_inf, "hf_transformers": hf_inf,
+                      "ratio_ours_over_hf": ours_inf["tokens_per_s"] / hf_inf["tokens_per_s"]},
+        "finetune": {"ours": ours_ft, "hf_peft": peft_ft,
+                     "ratio_ours_over_peft": ours_ft["tokens_per_s"] / peft_ft["tokens_per_s"],
+                     "activation_memory_ratio_peft_over_ours":
+                         peft_ft["activation_bytes_per_token"] / ours_ft["activation_bytes_per_token"]},
+        "coserve": {**co, "tpot_slo_ms": slo,
+                    "finetune_retained_vs_alone": co["finetune_tokens_per_s"] / ours_ft["tokens_per_s"],
+                    "inference_retained_vs_alone": co["inference_tokens_per_s"] / ours_inf["tokens_per_s"]},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
