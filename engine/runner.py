@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from coserve.engine.kv_cache import BlockManager
-from coserve.engine.model.llama import CausalLM, ForwardBatch
+from coserve.engine.model.llama import CausalLM, ForwardBatch, LoRAGroup
 from coserve.engine.sampling import sample
 from coserve.engine.scheduler import Chunk
 
@@ -16,6 +16,7 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
     tables, starts, lens, ctxs = [], [], [], []
     dec_rows, dec_tables, dec_ctxs = [], [], []
     by_slot: dict[int, list[int]] = {}
+    dropped: list[tuple[int, list[int], object]] = []
     row = 0
     for c in chunks:
         sid = c.seq.request_id
@@ -38,7 +39,9 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
             logit_rows.extend(range(row, row + c.length))
         elif c.samples:
             logit_rows.append(row + c.length - 1)
-        if c.seq.adapter_slot is not None:
+        if c.seq.adapter_slot is not None and c.dropout is not None:
+            dropped.append((c.seq.adapter_slot, list(range(row, row + c.length)), c.dropout))
+        elif c.seq.adapter_slot is not None:
             by_slot.setdefault(c.seq.adapter_slot, []).extend(range(row, row + c.length))
         row += c.length
 
@@ -47,7 +50,8 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
 
     batch = ForwardBatch(input_ids=t(ids), positions=t(positions), slot_mapping=t(slots), block_tables=tables,
                          query_starts=starts, query_lens=lens, context_lens=ctxs, logits_indices=t(logit_rows),
-                         lora_groups=[(s, t(rows)) for s, rows in sorted(by_slot.items())],
+                         lora_groups=[LoRAGroup(s, t(rows)) for s, rows in sorted(by_slot.items())]
+                         + [LoRAGroup(s, t(rows), drop) for s, rows, drop in dropped],
                          capture_rows=t(capture) if capture else None)
     if dec_rows:
         width = max(len(tb) for tb in dec_tables)

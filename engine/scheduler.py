@@ -3,6 +3,7 @@ When blocks run out the latest-arrived request is preempted: its blocks are free
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from coserve.engine.kv_cache import BlockManager
@@ -18,6 +19,7 @@ class Chunk:
     start: int
     length: int
     finetune: bool = False
+    dropout: Callable | None = None     # a finetuning chunk's LoRA dropout
 
     @property
     def samples(self) -> bool:

@@ -72,3 +72,56 @@ def test_token_level_gradients_equal_full_sequence_autograd(model_dirs, tmp_path
     theirs = torch.cat([ref[f"{m}.{ab}"].flatten() for m in sorted(init) for ab in "AB"])
     assert rel_err(ours, theirs) <= 1e-5
     assert job.loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_lora_dropout_gradients_equal_autograd_with_the_same_masks(llama_dir, tmp_path):
+    """Dropout masks drawn in the serving forward are drawn again identically in the backward units."""
+    from peft import PeftModel
+
+    from coserve.engine.finetune.dropout import ChunkDropout
+
+    p, chunk = 0.3, 6
+    make_peft_adapter(llama_dir, tmp_path / "init", 0, r=8, lora_alpha=16, target_modules=TARGETS)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=1e6, cost_model=FIXED_COST)
+    spec = JobSpec.model_validate({
+        "id": "drop", "dataset": {"path": "data.jsonl", "format": "text"}, "output": "out", "init_from": "init",
+        "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS, "dropout": p},
+        "training": {"optimizer": "sgd", "lr": 1.0, "max_steps": 1, "chunk_tokens": chunk, "shuffle": False,
+                     "max_seq_len": 64, "seed": 4}})
+    job = build_job(engine, spec)
+    ids = job.sequences[0].ids
+    key = job.dropout_key()
+    engine.finetune.add(job)
+    while engine.has_work():
+        engine.step()
+    assert job.state is JobState.SUCCEEDED, job.error
+
+    class ChunkMasks(torch.nn.Module):
+        def __init__(self, module: str):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            parts = [ChunkDropout(p, key, s)(self.module, x[0, s:s + chunk]) for s in range(0, x.shape[1], chunk)]
+            return torch.cat(parts)[None]
+
+    model = PeftModel.from_pretrained(hf_model(llama_dir), str(tmp_path / "init"), is_trainable=True)
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_dropout") and "default" in m.lora_dropout:
+            m.lora_dropout["default"] = ChunkMasks(name.split("base_model.model.", 1)[1])
+    logits = model(torch.tensor([ids])).logits[0]
+    F.cross_entropy(logits[:-1], torch.tensor(ids[1:])).backward()
+    _, init = read_adapter(tmp_path / "init")
+    _, final = read_adapter(tmp_path / "out" / "checkpoint-1")
+    ours = torch.cat([(init[m][ab] - final[m][ab]).flatten() for m in sorted(init) for ab in "AB"])
+    grads = {}
+    for name, prm in model.named_parameters():
+        if "lora_" in name:
+            module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
+            grads[f"{module}.{'A' if 'lora_A' in name else 'B'}"] = prm.grad
+    theirs = torch.cat([grads[f"{m}.{ab}"].flatten() for m in sorted(init) for ab in "AB"])
+    assert rel_err(ours, theirs) <= 1e-5
+    no_drop = peft_grads(llama_dir, tmp_path / "init", ids)[1]
+    plain = torch.cat([no_drop[f"{m}.{ab}"].flatten() for m in sorted(init) for ab in "AB"])
+    assert rel_err(ours, plain) > 1e-2, "dropout must change the gradients"

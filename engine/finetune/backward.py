@@ -8,6 +8,7 @@ own keys when its unit runs, because every later chunk has already run. Exact, w
 between units."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.dataset import IGNORE
-from coserve.engine.model.llama import CausalLM
+from coserve.engine.model.llama import CausalLM, LoRAGroup
 from coserve.kernels.paged_attention import causal_attention, gather_kv
 
 
@@ -24,6 +25,7 @@ class SavedChunk:
     start: int
     length: int
     inputs: list[torch.Tensor]   # each layer's input, then the final hidden state: [length, hidden] each
+    dropout: Callable | None = None  # the chunk's LoRA dropout, drawn again identically here
 
 
 @dataclass
@@ -110,7 +112,7 @@ class SequenceBackward:
             return causal_attention(q, keys, values, cfg.head_dim ** -0.5, cfg.sliding_window)
 
         cos, sin = model.rotary(torch.arange(c.start, c.start + c.length, device=x.device))
-        out = layer(x, cos, sin, [(self.adapter, None)], attend)
+        out = layer(x, cos, sin, [LoRAGroup(self.adapter, None, c.dropout)], attend)
         span = slice(c.start, c.start + c.length)
         surrogate = ((out.float() * self.grad_out[k]).sum() + (own["k"].float() * self.dk[span]).sum()
                      + (own["v"].float() * self.dv[span]).sum())

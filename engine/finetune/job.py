@@ -15,6 +15,7 @@ from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.backward import SavedChunk, SequenceBackward
 from coserve.engine.finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coserve.engine.finetune.dataset import Example, epoch_order
+from coserve.engine.finetune.dropout import ChunkDropout
 from coserve.engine.finetune.spec import JobSpec, TrainingSpec
 from coserve.engine.sampling import SamplingParams
 from coserve.engine.scheduler import Chunk
@@ -166,11 +167,16 @@ class FinetuneJob:
 
     def next_chunk(self, max_tokens: int) -> Chunk:
         length = min(self.seq.num_uncomputed, self.spec.training.chunk_tokens, max_tokens)
-        return Chunk(self.seq, self.seq.num_computed, length, finetune=True)
+        p = self.spec.lora.dropout
+        drop = ChunkDropout(p, self.dropout_key(), self.seq.num_computed) if p > 0 else None
+        return Chunk(self.seq, self.seq.num_computed, length, finetune=True, dropout=drop)
+
+    def dropout_key(self) -> str:
+        return f"{self.spec.training.seed}:{self.step}:{self.seq_in_step}"
 
     def forward_done(self, chunk: Chunk, captured: list[torch.Tensor]) -> None:
         self.seq.num_computed += chunk.length
-        self.saved.append(SavedChunk(chunk.start, chunk.length, captured))
+        self.saved.append(SavedChunk(chunk.start, chunk.length, captured, chunk.dropout))
         self.tokens += chunk.length
         if self.seq.num_uncomputed == 0:
             table = torch.tensor(self.engine.blocks.tables[self.seq.request_id], dtype=torch.long,

@@ -23,7 +23,7 @@ class DatasetSpec(Strict):
 class LoRASpec(Strict):
     r: int = Field(16, ge=1, le=256)
     alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, le=0.0, description="LoRA dropout is not supported yet; use 0")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
     use_rslora: bool = False
 

@@ -33,7 +33,7 @@ class ForwardBatch:
     decode_tables: torch.Tensor | None = None   # [B, blocks], padded
     decode_context_lens: torch.Tensor | None = None
     decode_max_context: int = 0
-    lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (adapter slot, token rows)
+    lora_groups: list["LoRAGroup"] = field(default_factory=list)
     capture_rows: torch.Tensor | None = None   # rows whose layer inputs finetuning keeps
     captured: list[torch.Tensor] = field(default_factory=list)  # per layer input, then the final hidden state
 
@@ -44,7 +44,17 @@ class TrainableLoRA(Protocol):
     def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None: ...
 
 
-LoRAGroups = list[tuple["int | TrainableLoRA", torch.Tensor | None]]
+@dataclass
+class LoRAGroup:
+    """Rows that use one adapter: a serving slot, or a training job's adapter (then every row of the unit).
+    `dropout(module, x)`, if set, drops the LoRA branch's input as PEFT's lora_dropout does."""
+
+    owner: "int | TrainableLoRA"
+    rows: torch.Tensor | None = None
+    dropout: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+
+LoRAGroups = list[LoRAGroup]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -75,12 +85,20 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora_groups: LoRAGroups) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight, self.bias)
-        slots = [(s, rows) for s, rows in lora_groups if isinstance(s, int) and self.lora_on and self.lora_on[s]]
-        if slots:
-            lora_delta_torch(x, self.lora_a, self.lora_b, self.lora_scale, slots, y)
-        for owner, _ in lora_groups:
-            if not isinstance(owner, int):
-                d = owner.delta(self.name, x)
+        served = [g for g in lora_groups if isinstance(g.owner, int) and self.lora_on and self.lora_on[g.owner]]
+        plain = [(g.owner, g.rows) for g in served if g.dropout is None]
+        if plain:
+            lora_delta_torch(x, self.lora_a, self.lora_b, self.lora_scale, plain, y)
+        for g in served:
+            if g.dropout is not None:
+                xs = g.dropout(self.name, x.index_select(0, g.rows))
+                every = torch.arange(len(g.rows), device=x.device)
+                delta = lora_delta_torch(xs, self.lora_a, self.lora_b, self.lora_scale, [(g.owner, every)],
+                                         torch.zeros(len(g.rows), y.shape[1], dtype=y.dtype, device=y.device))
+                y.index_add_(0, g.rows, delta)
+        for g in lora_groups:
+            if not isinstance(g.owner, int):
+                d = g.owner.delta(self.name, g.dropout(self.name, x) if g.dropout else x)
                 if d is not None:
                     y = y + d
         return y
