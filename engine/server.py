@@ -359,10 +359,11 @@ def create_app(engine: AsyncEngine) -> FastAPI:
         return job_or_404(job_id).progress()
 
     @app.delete("/admin/finetune/jobs/{job_id}")
-    async def cancel_job(job_id: str, request: Request) -> dict:
+    async def cancel_job(job_id: str, request: Request, checkpoint: bool = False) -> dict:
+        """Cancel; `?checkpoint=true` first saves the last finished step, so the job can resume from it."""
         require_admin(request)
         job_or_404(job_id)
-        return (await engine.call(lambda: core.finetune.cancel(job_id))).progress()
+        return (await engine.call(lambda: core.finetune.cancel(job_id, checkpoint))).progress()
 
     return app
 

@@ -73,13 +73,14 @@ def test_job_trains_while_serving_and_its_checkpoint_serves_by_name(server):
     assert 'coserve_finetune_step{job="teach"} 48.0' in metrics and 'coserve_tokens_total{kind="finetune"}' in metrics
 
 
-def test_cancel_keeps_checkpoints(server):
-    body = job_body("stop-me", checkpoint_every=2, training={"lr": 0.01, "epochs": 50, "chunk_tokens": 8})
+def test_cancel_keeps_checkpoints_and_can_checkpoint_first(server):
+    body = job_body("stop-me", checkpoint_every=1000, training={"lr": 0.01, "epochs": 50, "chunk_tokens": 8})
     assert httpx.post(server.url + "/admin/finetune/jobs", json=body, headers=AUTH).status_code == 201
-    wait_job(server, "stop-me", lambda j: j["checkpoints"])
-    r = httpx.delete(server.url + "/admin/finetune/jobs/stop-me", headers=AUTH)
+    wait_job(server, "stop-me", lambda j: j["step"] >= 2)
+    r = httpx.delete(server.url + "/admin/finetune/jobs/stop-me?checkpoint=true", headers=AUTH)
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     ckpts = r.json()["checkpoints"]
+    assert [c["step"] for c in ckpts] == [r.json()["step"]]
     assert ckpts and all(httpx.put(server.url + "/admin/adapters/kept", json={"path": c["path"]},
                                    headers=AUTH).status_code == 200 for c in ckpts)
     cap = httpx.get(server.url + "/admin/capacity", headers=AUTH).json()

@@ -113,8 +113,11 @@ class FinetuneManager:
             if job.state is JobState.QUEUED and self.slots_free() > 0 and self.engine.loras.free_slots() > 0:
                 self._guard(job, job.start)
 
-    def cancel(self, job_id: str) -> FinetuneJob:
+    def cancel(self, job_id: str, checkpoint: bool = False) -> FinetuneJob:
+        """Stop a job; with `checkpoint`, first save its adapter at the last finished step (for suspend)."""
         job = self.jobs[job_id]
+        if checkpoint and job.active and job.step > 0 and all(c.step != job.step for c in job.checkpoints):
+            self._guard(job, job.save_checkpoint)
         job.cancel()
         self._activate()
         return job
