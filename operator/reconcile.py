@@ -1,0 +1,353 @@
+"""Level-triggered reconciliation of endpoints and jobs against a pool's engines. Each function reads the
+object and the engines, acts to converge, and returns the status it should have plus the Events to post;
+the kopf handlers do the Kubernetes side. Placements live in status, so a restarted operator resumes them."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+from coserve.operator.conditions import now_iso, set_condition
+from coserve.operator.engine_client import EngineClient, EngineRejected, EngineUnavailable
+from coserve.operator.placement import pick_endpoint_engines, pick_job_engine, reserve
+
+Event = tuple[str, str, str]          # (Normal|Warning, Reason, message)
+_pool_locks: dict[str, asyncio.Lock] = {}
+
+
+@dataclass
+class PoolView:
+    """What the reconcilers need of a pool: its engines (name -> admin URL) and how to reach them."""
+
+    namespace: str
+    name: str
+    engines: dict[str, str]
+    client: EngineClient
+    service_urls: dict[str, str] = field(default_factory=dict)   # endpoint name -> URL, managed pools only
+
+    def lock(self) -> asyncio.Lock:
+        """Serialises placement decisions on one pool, so concurrent handlers cannot over-commit an engine."""
+        return _pool_locks.setdefault(f"{self.namespace}/{self.name}", asyncio.Lock())
+
+    async def capacities(self) -> dict[str, dict | None]:
+        async def one(url: str) -> dict | None:
+            try:
+                return await self.client.capacity(url)
+            except (EngineUnavailable, EngineRejected):
+                return None
+        names = list(self.engines)
+        caps = await asyncio.gather(*(one(self.engines[n]) for n in names))
+        return dict(zip(names, caps))
+
+
+# ---- InferenceEndpoint --------------------------------------------------------------------------------------
+
+def endpoint_adapter_path(spec: dict, job_status: dict | None) -> tuple[str | None, str | None]:
+    """(adapter path or None for the base model, reason it is not available yet or None)."""
+    adapter = spec.get("adapter")
+    if not adapter:
+        return None, None
+    if adapter.get("path"):
+        return adapter["path"], None
+    ref = adapter["fromFinetuneJob"]
+    if job_status is None:
+        return None, f"FinetuneJob {ref['name']!r} does not exist"
+    checkpoints = job_status.get("checkpoints") or []
+    which = str(ref.get("checkpoint", "latest"))
+    if which == "latest":
+        return (checkpoints[-1]["path"], None) if checkpoints else (None, "the job has no checkpoint yet")
+    if which == "final":
+        if job_status.get("phase") != "Succeeded":
+            return None, "the job has not finished"
+        return checkpoints[-1]["path"], None
+    match = [c for c in checkpoints if str(c["step"]) == which]
+    return (match[0]["path"], None) if match else (None, f"the job has no checkpoint at step {which}")
+
+
+async def reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | None) -> tuple[dict, list[Event]]:
+    """The endpoint's whole desired status (what it had, updated) and the Events to post."""
+    changes, events = await _reconcile_endpoint(body, pool, job_status)
+    return {**(body.get("status") or {}), **changes}, events
+
+
+async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | None) -> tuple[dict, list[Event]]:
+    meta, spec, status = body["metadata"], body["spec"], dict(body.get("status") or {})
+    generation = meta.get("generation")
+    name = spec.get("servedModelName") or meta["name"]
+    replicas = spec.get("replicas", 1)
+    events: list[Event] = []
+    path, waiting = endpoint_adapter_path(spec, job_status)
+    conditions = status.get("conditions") or []
+    if spec.get("adapter") and path is None:
+        conditions = set_condition(conditions, "Ready", False, "WaitingForAdapter", waiting, generation)
+        return {"observedGeneration": generation, "conditions": conditions, "readyReplicas": 0,
+                "readyReplicasText": f"0/{replicas}", "model": name}, events
+    async with pool.lock():
+        caps = await pool.capacities()
+        placements: list[dict] = []
+        for p in status.get("placements") or []:
+            if caps.get(p["engine"]) is None:
+                events.append(("Warning", "EngineLost", f"engine {p['engine']} stopped answering; re-placing"))
+                status["lastFailure"] = {"engine": p["engine"], "time": now_iso(), "message": "engine not answering"}
+            else:
+                placements.append(p)
+        extra = placements[replicas:]
+        placements = placements[:replicas]
+        for p in extra:
+            if path is not None:
+                await _unload(pool, p["engine"], name)
+            events.append(("Normal", "ScaledDown", f"released replica on {p['engine']}"))
+        for engine in pick_endpoint_engines(caps, {p["engine"] for p in placements}, replicas - len(placements),
+                                            path is not None):
+            reserve(caps, engine, adapter_slot=path is not None)
+            placements.append({"engine": engine, "url": pool.engines[engine], "state": "Pending"})
+            events.append(("Normal", "Placed", f"replica placed on engine {engine}"))
+        for p in placements:
+            p["url"] = pool.engines[p["engine"]]
+            if path is None:
+                p.update(state="Loaded", adapterPath="")
+                continue
+            await _ensure_adapter(pool, p, name, path, events)
+            if p["state"] == "Failed":
+                status["lastFailure"] = {"engine": p["engine"], "time": now_iso(), "message": p.get("lastError", "")}
+    ready = sum(p["state"] == "Loaded" for p in placements)
+    loaded = [p for p in placements if p["state"] == "Loaded"]
+    url = pool.service_urls.get(meta["name"]) or (loaded[0]["url"] + "/v1" if loaded else "")
+    conditions = set_condition(conditions, "Placed", len(placements) >= replicas,
+                               "Placed" if len(placements) >= replicas else "NoCapacity",
+                               f"{len(placements)}/{replicas} replicas placed", generation)
+    failed = [p for p in placements if p["state"] == "Failed"]
+    if ready >= replicas:
+        conditions = set_condition(conditions, "Ready", True, "AdapterLoaded" if path else "Serving",
+                                   f"{ready}/{replicas} replicas serving {name}", generation)
+    else:
+        reason = "AdapterLoadFailed" if failed else ("NoCapacity" if len(placements) < replicas else "Loading")
+        message = failed[0].get("lastError", "") if failed else f"{ready}/{replicas} replicas serving"
+        conditions = set_condition(conditions, "Ready", False, reason, message, generation)
+    out = {"observedGeneration": generation, "url": url, "model": name, "adapterPath": path or "",
+           "readyReplicas": ready, "readyReplicasText": f"{ready}/{replicas}", "placements": placements,
+           "conditions": conditions}
+    if "lastFailure" in status:
+        out["lastFailure"] = status["lastFailure"]
+    return out, events
+
+
+async def _ensure_adapter(pool: PoolView, p: dict, name: str, path: str, events: list[Event]) -> None:
+    url = pool.engines[p["engine"]]
+    try:
+        have = await pool.client.get_adapter(url, name)
+        if have is not None and have.get("path") == path:
+            p.update(state="Loaded", adapterPath=path)
+            p.pop("lastError", None)
+            return
+        await pool.client.load_adapter(url, name, path)
+        p.update(state="Loaded", adapterPath=path)
+        p.pop("lastError", None)
+        events.append(("Normal", "AdapterReloaded" if have else "AdapterLoaded",
+                       f"{name} <- {path} on engine {p['engine']}"))
+    except EngineRejected as exc:
+        p.update(state="Failed", lastError=exc.message)
+        events.append(("Warning", "AdapterLoadFailed", f"engine {p['engine']}: {exc.message}"))
+    except EngineUnavailable as exc:
+        p.update(state="Pending", lastError=str(exc))
+
+
+async def _unload(pool: PoolView, engine: str, name: str) -> None:
+    try:
+        await pool.client.unload_adapter(pool.engines[engine], name)
+    except (EngineUnavailable, EngineRejected):
+        pass
+
+
+async def release_endpoint(body: dict, pool: PoolView) -> list[Event]:
+    """On deletion: unload the adapter everywhere it is placed (engines that do not answer are skipped)."""
+    spec, status = body["spec"], body.get("status") or {}
+    name = spec.get("servedModelName") or body["metadata"]["name"]
+    if spec.get("adapter"):
+        for p in status.get("placements") or []:
+            if p["engine"] in pool.engines:
+                await _unload(pool, p["engine"], name)
+    return [("Normal", "Released", f"{name} unloaded from its engines")]
+
+
+# ---- FinetuneJob --------------------------------------------------------------------------------------------
+
+def engine_job_id(namespace: str, name: str, attempt: int) -> str:
+    raw = f"{namespace}.{name}.{attempt}"
+    return raw if len(raw) <= 63 else f"{name[:40]}-{hashlib.sha1(raw.encode()).hexdigest()[:12]}.{attempt}"
+
+
+def engine_job_body(body: dict, job_id: str, resume_from: str | None) -> dict:
+    """The engine API's job request from the FinetuneJob's spec (camelCase to the engine's names)."""
+    spec, meta = body["spec"], body["metadata"]
+    lora, t = spec.get("lora") or {}, spec.get("training") or {}
+    training = {"optimizer": t.get("optimizer", "adamw"), "lr": t.get("lr", 1e-4),
+                "lr_schedule": t.get("lrSchedule", "constant"), "warmup_steps": t.get("warmupSteps", 0),
+                "weight_decay": t.get("weightDecay", 0.0), "max_grad_norm": t.get("maxGradNorm"),
+                "epochs": t.get("epochs", 1), "max_steps": t.get("maxSteps"),
+                "sequences_per_step": t.get("sequencesPerStep", 1), "max_seq_len": t.get("maxSeqLen"),
+                "packing": t.get("packing", False), "shuffle": t.get("shuffle", True), "seed": t.get("seed", 0),
+                "chunk_tokens": t.get("chunkTokens", 64)}
+    return {"id": job_id, "dataset": {"path": spec["dataset"]["path"],
+                                      "format": spec["dataset"].get("format", "text")},
+            "lora": {"r": lora.get("r", 16), "alpha": lora.get("alpha", 32), "dropout": lora.get("dropout", 0.0),
+                     "target_modules": lora.get("targetModules", ["q_proj", "v_proj"]),
+                     "use_rslora": lora.get("useRslora", False)},
+            "training": training, "output": spec.get("output") or f"adapters/{meta['namespace']}/{meta['name']}",
+            "checkpoint_every": spec.get("checkpointEvery", 100), "init_from": None if resume_from
+            else spec.get("initFrom"), "resume_from": resume_from}
+
+
+def _merge_checkpoints(old: list[dict], new: list[dict]) -> list[dict]:
+    by_step = {c["step"]: c for c in old}
+    for c in new:
+        by_step[c["step"]] = {"step": c["step"], "path": c["path"], "sha256": c["sha256"],
+                              "createdAt": c.get("createdAt") or _iso(c.get("time"))}
+    return [by_step[s] for s in sorted(by_step)][-50:]
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return now_iso()
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _progress_fields(progress: dict, status: dict, events: list[Event]) -> dict:
+    old = status.get("checkpoints") or []
+    checkpoints = _merge_checkpoints(old, progress.get("checkpoints") or [])
+    for c in checkpoints:
+        if c["step"] not in {o["step"] for o in old}:
+            events.append(("Normal", "CheckpointWritten", f"step {c['step']}: {c['path']}"))
+    step, total = progress["step"], max(1, progress["total_steps"])
+    rate = progress.get("tokens_per_s") or 0.0
+    metrics = [{"name": "loss", "value": f"{progress['loss']:.6g}" if progress.get("loss") is not None else ""},
+               {"name": "tokensPerSecond", "value": f"{rate:.1f}"},
+               {"name": "epoch", "value": str(progress.get("epoch", 0))}]
+    remaining = None
+    if step and progress.get("started") and progress.get("state") == "running":
+        per_step = (time.time() - progress["started"]) / step
+        remaining = int(per_step * (total - step))
+    out = {"progress": {"percentage": int(100 * step / total), "currentStep": step, "totalSteps": total,
+                        "epoch": progress.get("epoch", 0), "metrics": metrics, "lastUpdatedTime": now_iso()},
+           "stepText": f"{step}/{total}", "tokensPerSecond": round(rate, 1), "checkpoints": checkpoints,
+           "latestCheckpoint": checkpoints[-1]["path"] if checkpoints else ""}
+    if remaining is not None:
+        out["progress"]["estimatedRemainingSeconds"] = remaining
+    if progress.get("loss") is not None:
+        out["loss"] = round(progress["loss"], 6)
+    return out
+
+
+async def reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]:
+    """The job's whole desired status (what it had, updated) and the Events to post."""
+    changes, events = await _reconcile_job(body, pool)
+    return {**(body.get("status") or {}), **changes}, events
+
+
+async def _reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]:
+    meta, spec = body["metadata"], body["spec"]
+    status = dict(body.get("status") or {})
+    generation = meta.get("generation")
+    events: list[Event] = []
+    conditions = status.get("conditions") or []
+    phase = status.get("phase", "Pending")
+    out: dict = {"observedGeneration": generation}
+    if phase in ("Succeeded", "Failed"):
+        return out, events
+    placement = status.get("placement")
+    if spec.get("suspend"):
+        if placement:
+            try:
+                final = await pool.client.cancel_job(placement["url"], placement["engineJobId"], checkpoint=True)
+                if final:
+                    out.update(_progress_fields(final, status, events))
+            except (EngineUnavailable, EngineRejected) as exc:
+                events.append(("Warning", "SuspendUnclean", f"engine did not confirm the stop: {exc}"))
+            events.append(("Normal", "Suspended", "job stopped after a checkpoint"))
+        out.update(phase="Suspended", placement=None, conditions=set_condition(
+            conditions, "Progressing", False, "Suspended", "spec.suspend is true", generation))
+        return out, events
+    if placement:
+        try:
+            progress = await pool.client.get_job(placement["url"], placement["engineJobId"])
+        except (EngineUnavailable, EngineRejected) as exc:
+            progress = None
+            events.append(("Warning", "EngineLost", f"engine {placement['engine']} lost the job ({exc}); re-placing "
+                           "from the last checkpoint"))
+            out["lastFailure"] = {"engine": placement["engine"], "time": now_iso(), "message": str(exc)[:500]}
+        if progress is not None and progress["state"] != "cancelled":
+            out.update(_progress_fields(progress, status, events))
+            state = progress["state"]
+            if state == "succeeded":
+                events.append(("Normal", "Completed", f"trained {progress['step']} steps"))
+                out.update(phase="Succeeded", completionTime=now_iso(), conditions=set_condition(
+                    set_condition(conditions, "Progressing", False, "Completed", "training finished", generation),
+                    "Succeeded", True, "Completed", out.get("latestCheckpoint", ""), generation))
+            elif state == "failed":
+                events.append(("Warning", "TrainingFailed", progress.get("error") or "the engine failed the job"))
+                out.update(phase="Failed", completionTime=now_iso(), conditions=set_condition(
+                    conditions, "Failed", True, "TrainingFailed", progress.get("error") or "", generation))
+            else:
+                out.update(phase="Running", conditions=set_condition(
+                    conditions, "Progressing", True, "Training", f"step {progress['step']}/"
+                    f"{progress['total_steps']} on {placement['engine']}", generation))
+            return out, events
+        status.update({k: v for k, v in out.items() if k != "observedGeneration"})
+    return await _place_job(body, status, pool, out, events)
+
+
+async def _place_job(body: dict, status: dict, pool: PoolView, out: dict,
+                     events: list[Event]) -> tuple[dict, list[Event]]:
+    meta = body["metadata"]
+    generation = meta.get("generation")
+    conditions = status.get("conditions") or []
+    attempt = int(status.get("attempt", 0)) + (1 if status.get("placement") or status.get("phase") else 0)
+    resume = status.get("latestCheckpoint") or None
+    async with pool.lock():
+        caps = await pool.capacities()
+        engine = pick_job_engine(caps)
+        if engine is None:
+            events.append(("Warning", "NoCapacity", "no engine of the pool has a free finetuning slot"))
+            out.update(phase="Pending", placement=None, conditions=set_condition(
+                conditions, "Placed", False, "NoCapacity", "waiting for a free finetuning slot", generation))
+            return out, events
+        job_id = engine_job_id(meta["namespace"], meta["name"], attempt)
+        url = pool.engines[engine]
+        try:
+            progress = await pool.client.create_job(url, engine_job_body(body, job_id, resume))
+        except EngineRejected as exc:
+            if exc.status == 409 and exc.param == "id":
+                progress = await pool.client.get_job(url, job_id)   # created before a restart: adopt it
+            else:
+                events.append(("Warning", "InvalidSpec", exc.message))
+                out.update(phase="Failed", placement=None, completionTime=now_iso(), conditions=set_condition(
+                    conditions, "Failed", True, "InvalidSpec", f"{exc.param or 'spec'}: {exc.message}",
+                    generation))
+                return out, events
+        except EngineUnavailable as exc:
+            events.append(("Warning", "EngineLost", str(exc)))
+            out.update(phase="Pending", placement=None)
+            return out, events
+        reserve(caps, engine, finetune_slot=True)
+    events.append(("Normal", "Placed", f"training on engine {engine}" + (f", resuming from {resume}" if resume
+                                                                         else "")))
+    out.update(phase="Running", attempt=attempt, startTime=status.get("startTime") or now_iso(),
+               placement={"engine": engine, "url": url, "engineJobId": job_id, "attempt": attempt},
+               conditions=set_condition(set_condition(conditions, "Placed", True, "Placed", f"engine {engine}",
+                                                      generation), "Progressing", True, "Training",
+                                        f"attempt {attempt}", generation))
+    out.update(_progress_fields(progress, status, events))
+    return out, events
+
+
+async def release_job(body: dict, pool: PoolView) -> list[Event]:
+    """On deletion: cancel the engine job (checkpoints stay on the storage)."""
+    placement = (body.get("status") or {}).get("placement")
+    if placement:
+        try:
+            await pool.client.cancel_job(placement["url"], placement["engineJobId"])
+        except (EngineUnavailable, EngineRejected):
+            pass
+    return [("Normal", "Released", "engine job cancelled; checkpoints kept")]

@@ -1,0 +1,21 @@
+"""The operator's settings, from environment variables the Helm chart sets."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env_list(name: str) -> list[str]:
+    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+
+
+@dataclass
+class OperatorSettings:
+    namespaces: list[str] = field(default_factory=lambda: _env_list("COSERVE_NAMESPACES"))  # empty: all
+    poll_seconds: float = float(os.environ.get("COSERVE_POLL_SECONDS", "10"))
+    engine_timeout_seconds: float = float(os.environ.get("COSERVE_ENGINE_TIMEOUT_SECONDS", "5"))
+    engine_port: int = int(os.environ.get("COSERVE_ENGINE_PORT", "8000"))
+    peering: str | None = os.environ.get("COSERVE_PEERING") or None
+    priority: int = int(os.environ.get("COSERVE_PRIORITY", "0"))
+    health_port: int = int(os.environ.get("COSERVE_HEALTH_PORT", "8080"))
+    cluster_domain: str = os.environ.get("COSERVE_CLUSTER_DOMAIN", "cluster.local")

@@ -1,0 +1,188 @@
+"""The operator's reconcilers driven against real engine processes on loopback (two engines sharing one data
+root, as pool pods share a volume): placement, status, hot reload, re-placement, suspend, release."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+
+import httpx
+import pytest
+
+from coserve.operator.conditions import status_diff
+from coserve.operator.engine_client import EngineClient
+from coserve.operator.reconcile import (PoolView, reconcile_endpoint, reconcile_job, release_endpoint,
+                                        release_job)
+from server_proc import EngineProcess
+from test_finetune_train import write_task
+from test_lora_vs_peft import ADAPTERS, make_peft_adapter
+
+TOKEN = "op-token"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def data_root(llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pooldata")
+    write_task(root)
+    make_peft_adapter(llama_dir, root / "adapters" / "qv", 0, **ADAPTERS["qv-r4"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def engines(llama_dir, data_root):
+    procs = [EngineProcess(llama_dir, data_root, TOKEN, "--num-kv-blocks", "128") for _ in range(2)]
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+def pool_of(procs) -> PoolView:
+    return PoolView("ns", "pool", {f"e{i}": p.url for i, p in enumerate(procs)}, EngineClient(TOKEN, 3.0))
+
+
+def endpoint(name: str, replicas: int, adapter: dict | None, generation: int = 1) -> dict:
+    spec = {"pool": "pool", "replicas": replicas}
+    if adapter:
+        spec["adapter"] = adapter
+    return {"metadata": {"name": name, "namespace": "ns", "generation": generation}, "spec": spec, "status": {}}
+
+
+def job(name: str, **spec) -> dict:
+    base = {"pool": "pool", "dataset": {"path": "task.jsonl", "format": "prompt_completion"},
+            "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+            "training": {"lr": 0.01, "epochs": 12, "seed": 3, "chunkTokens": 8}, "checkpointEvery": 8}
+    base.update(spec)
+    return {"metadata": {"name": name, "namespace": "ns", "generation": 1}, "spec": base, "status": {}}
+
+
+def adapters_on(proc) -> list[str]:
+    r = httpx.get(proc.url + "/admin/adapters", headers={"Authorization": f"Bearer {TOKEN}"})
+    return [a["name"] for a in r.json()["adapters"]]
+
+
+def cond(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_endpoint_is_placed_on_distinct_engines_and_is_idempotent(engines):
+    pool = pool_of(engines)
+    body = endpoint("chat", 2, {"path": "adapters/qv"})
+    status, events = run(reconcile_endpoint(body, pool, None))
+    assert status["readyReplicas"] == 2 and status["readyReplicasText"] == "2/2"
+    assert {p["engine"] for p in status["placements"]} == {"e0", "e1"}
+    assert cond(status, "Ready")["status"] == "True" and status["url"].endswith("/v1")
+    assert [e[1] for e in events].count("AdapterLoaded") == 2
+    assert all("chat" in adapters_on(p) for p in engines)
+    body["status"] = copy.deepcopy(status)
+    again, events = run(reconcile_endpoint(body, pool, None))
+    assert events == [] and status_diff(body["status"], again) == {}
+    body["spec"]["replicas"] = 1
+    body["metadata"]["generation"] = 2
+    scaled, events = run(reconcile_endpoint(body, pool, None))
+    assert scaled["readyReplicas"] == 1 and "ScaledDown" in [e[1] for e in events]
+    assert sum("chat" in adapters_on(p) for p in engines) == 1
+    run(release_endpoint({**body, "status": scaled}, pool))
+    assert not any("chat" in adapters_on(p) for p in engines)
+
+
+def test_bad_adapter_path_is_reported_in_status_and_events(engines):
+    status, events = run(reconcile_endpoint(endpoint("broken", 1, {"path": "task.jsonl"}), pool_of(engines), None))
+    ready = cond(status, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "AdapterLoadFailed"
+    assert ("Warning", "AdapterLoadFailed") in [(e[0], e[1]) for e in events]
+    assert status["lastFailure"]["engine"] in ("e0", "e1")
+
+
+def test_base_model_endpoint_needs_no_adapter(engines):
+    status, _ = run(reconcile_endpoint(endpoint("base", 2, None), pool_of(engines), None))
+    assert status["readyReplicas"] == 2 and status["adapterPath"] == ""
+
+
+def test_job_trains_to_success_and_a_following_endpoint_hot_reloads(engines, data_root):
+    pool = pool_of(engines)
+    body = job("teach")
+    follower = endpoint("follow", 1, {"fromFinetuneJob": {"name": "teach", "checkpoint": "latest"}})
+    status, events = run(reconcile_job(body, pool))
+    assert status["phase"] == "Running" and status["placement"]["engine"] in ("e0", "e1")
+    assert "Placed" in [e[1] for e in events]
+    waiting, _ = run(reconcile_endpoint(follower, pool, status))
+    assert cond(waiting, "Ready")["reason"] in ("WaitingForAdapter", "AdapterLoaded")
+    seen_paths, reloads = set(), 0
+    for _ in range(600):
+        body["status"] = status
+        status, events = run(reconcile_job(body, pool))
+        if status.get("checkpoints"):
+            follower_status, ev = run(reconcile_endpoint(follower, pool, {**body["status"], **status}))
+            follower["status"] = follower_status
+            seen_paths.add(follower_status["adapterPath"])
+            reloads += [e[1] for e in ev].count("AdapterReloaded")
+        if status.get("phase") == "Succeeded":
+            break
+        run(asyncio.sleep(0.05))
+    assert status["phase"] == "Succeeded" and status["stepText"] == "48/48"
+    assert [c["step"] for c in status["checkpoints"]] == [8, 16, 24, 32, 40, 48]
+    assert status["latestCheckpoint"] == "adapters/ns/teach/checkpoint-48"
+    assert cond(status, "Succeeded")["status"] == "True"
+    assert len(seen_paths) >= 2 and reloads >= 1
+    final, _ = run(reconcile_endpoint(follower, pool, {**body["status"], **status}))
+    assert final["adapterPath"] == "adapters/ns/teach/checkpoint-48"
+    r = httpx.post(final["url"] + "/completions", json={"model": "follow", "max_tokens": 6, "temperature": 0,
+                                                        "prompt": "Monday, Tuesday,"})
+    assert r.json()["choices"][0]["text"] == " Wednesday"
+
+
+def test_invalid_job_fails_with_the_engines_reason(engines):
+    status, events = run(reconcile_job(job("bad", dataset={"path": "missing.jsonl"}), pool_of(engines)))
+    assert status["phase"] == "Failed"
+    failed = cond(status, "Failed")
+    assert failed["reason"] == "InvalidSpec" and "dataset.path" in failed["message"]
+    assert ("Warning", "InvalidSpec") in [(e[0], e[1]) for e in events]
+
+
+def test_suspend_checkpoints_and_resume_continues(engines):
+    pool = pool_of(engines)
+    body = job("pause", checkpointEvery=1000)
+    status, _ = run(reconcile_job(body, pool))
+    while status.get("progress", {}).get("currentStep", 0) < 3:
+        body["status"] = status
+        status, _ = run(reconcile_job(body, pool))
+    body["status"], body["spec"]["suspend"] = status, True
+    status, events = run(reconcile_job(body, pool))
+    assert status["phase"] == "Suspended" and status["placement"] is None
+    assert status["checkpoints"] and "Suspended" in [e[1] for e in events]
+    step = status["checkpoints"][-1]["step"]
+    body["status"], body["spec"]["suspend"] = {**body["status"], **status}, False
+    status, events = run(reconcile_job(body, pool))
+    assert status["phase"] == "Running" and status["attempt"] == 1
+    assert any("resuming from" in e[2] for e in events)
+    assert status["progress"]["currentStep"] >= step
+    run(release_job({**body, "status": status}, pool))
+
+
+def test_job_on_a_dead_engine_resumes_elsewhere_from_its_checkpoint(llama_dir, data_root):
+    procs = [EngineProcess(llama_dir, data_root, TOKEN, "--num-kv-blocks", "128") for _ in range(2)]
+    try:
+        pool = pool_of(procs)
+        body = job("survivor", checkpointEvery=4, training={"lr": 0.01, "epochs": 40, "chunkTokens": 8})
+        status, _ = run(reconcile_job(body, pool))
+        while not status.get("checkpoints"):
+            body["status"] = status
+            status, _ = run(reconcile_job(body, pool))
+        first = status["placement"]["engine"]
+        procs[int(first[1])].stop()
+        body["status"] = status
+        status, events = run(reconcile_job(body, pool))
+        assert status.get("placement") and status["placement"]["engine"] != first, (status, events)
+        assert status["phase"] == "Running"
+        assert "EngineLost" in [e[1] for e in events] and status["lastFailure"]["engine"] == first
+        resumed_from = max(c["step"] for c in body["status"]["checkpoints"])
+        assert status["progress"]["currentStep"] >= resumed_from
+        run(release_job({**body, "status": status}, pool))
+    finally:
+        for p in procs:
+            p.stop()
+    shutil.rmtree(data_root / "adapters" / "ns" / "survivor", ignore_errors=True)
