@@ -114,10 +114,13 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         inference_tokens = sum(c.length for c in chunks)
         ft_chunks: list = []
+        left = budget - (self.cost.forward_s(inference_tokens) if chunks else 0.0)
         if self.finetune.has_work():
-            left = budget - (self.cost.forward_s(inference_tokens) if chunks else 0.0)
             ft_chunks = self.finetune.plan_forward(left, self.config.max_batched_tokens - inference_tokens,
                                                    self.cost, bool(chunks))
+            ft_tokens = sum(c.length for c in ft_chunks)
+            left -= self.cost.fwd_per_token_s * ft_tokens + (self.cost.fwd_fixed_s if ft_tokens and not chunks
+                                                               else 0.0)
         outputs: list[RequestOutput] = []
         if chunks or ft_chunks:
             tokens, logprobs, kept = self.runner.run(chunks + ft_chunks)
@@ -128,7 +131,7 @@ class LLMEngine:
             self.finetune.forward_done(ft_chunks, kept)
         units = 0
         if self.finetune.has_work():
-            units = self.finetune.run_backward(start, budget, self.cost, must_progress=not chunks)
+            units = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
         self.last_step = StepStats(inference_tokens - decode, decode, sum(c.length for c in ft_chunks), units,
                                    time.perf_counter() - start)

@@ -3,7 +3,6 @@ forward chunks and backward units that fit in what is left of the latency target
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from coserve.engine.cost_model import CostModel
@@ -157,15 +156,17 @@ class FinetuneManager:
             job = self.jobs[chunk.seq.request_id.split(":")[1]]
             self._guard(job, lambda: job.forward_done(chunk, acts))
 
-    def run_backward(self, start: float, budget_s: float, cost: CostModel, must_progress: bool) -> int:
-        """Run backward units while the iteration stays within budget; returns how many ran."""
+    def run_backward(self, time_left: float, cost: CostModel, must_progress: bool) -> int:
+        """Run backward units while their predicted cost fits in what is left of the iteration; with
+        `must_progress` (no inference this iteration) at least one runs. Returns how many ran."""
         ran = 0
         for job in self.active():
             while job.active and job.backward_unit_tokens():
-                fits = time.perf_counter() - start + cost.unit_s(job.backward_unit_tokens()) <= budget_s
-                if not fits and not (must_progress and ran == 0):
+                unit = cost.unit_s(job.backward_unit_tokens())
+                if unit > time_left and not (must_progress and ran == 0):
                     break
                 self._guard(job, job.run_backward_unit)
+                time_left -= unit
                 ran += 1
         self.turn += 1
         self._activate()
