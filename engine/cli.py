@@ -64,6 +64,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir))
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from coserve.operator.main import run
+    from coserve.operator.settings import OperatorSettings
+
+    run(OperatorSettings())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coserve", description="Co-serving LLM inference and LoRA finetuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "requests and a finetuning job share the engine's iterations.")
     demo.add_argument("--workdir", default="coserve-demo", help="where the model, data and adapters go")
     demo.set_defaults(func=cmd_demo)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) for coserve.dev resources",
+                        description="Reconciles CoServingPool, InferenceEndpoint and FinetuneJob objects. Settings "
+                                    "come from COSERVE_* environment variables (see charts/coserve/values.yaml).")
+    op.set_defaults(func=cmd_operator)
     return parser
 
 

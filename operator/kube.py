@@ -1,0 +1,69 @@
+"""Reads and writes of Kubernetes objects the handlers need, through the official client on a worker thread."""
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+GROUP, VERSION = "coserve.dev", "v1alpha1"
+
+
+def load_config() -> None:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+
+
+async def get_custom(namespace: str, plural: str, name: str) -> dict | None:
+    def call() -> dict | None:
+        try:
+            return kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+    return await asyncio.to_thread(call)
+
+
+async def list_custom(namespace: str, plural: str) -> list[dict]:
+    def call() -> list[dict]:
+        return kubernetes.client.CustomObjectsApi().list_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural)["items"]
+    return await asyncio.to_thread(call)
+
+
+async def read_secret_value(namespace: str, name: str, key: str) -> str | None:
+    def call() -> str | None:
+        try:
+            secret = kubernetes.client.CoreV1Api().read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        value = (secret.data or {}).get(key)
+        return base64.b64decode(value).decode().strip() if value else None
+    return await asyncio.to_thread(call)
+
+
+async def ensure(namespace: str, manifest: dict, replace_spec: bool) -> None:
+    """Create the object if missing; with `replace_spec`, bring an existing one's spec to the manifest."""
+    kind = manifest["kind"]
+
+    def call() -> None:
+        apps, core = kubernetes.client.AppsV1Api(), kubernetes.client.CoreV1Api()
+        create = {"StatefulSet": apps.create_namespaced_stateful_set, "Service": core.create_namespaced_service,
+                  "Secret": core.create_namespaced_secret}[kind]
+        try:
+            create(namespace, manifest)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            if replace_spec and kind == "StatefulSet":
+                apps.patch_namespaced_stateful_set(manifest["metadata"]["name"], namespace,
+                                                  {"spec": {"replicas": manifest["spec"]["replicas"],
+                                                            "template": manifest["spec"]["template"]}})
+    await asyncio.to_thread(call)
