@@ -3,6 +3,7 @@ fields that change; failures become conditions and Events; engines that do not a
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import kopf
 
@@ -64,6 +65,18 @@ def pool_missing(body: dict, patch: kopf.Patch, why: str) -> None:
     post(body, [("Warning", "PoolNotReady", why)])
 
 
+async def with_pool(body: kopf.Body, patch: kopf.Patch, namespace: str,
+                    reconcile: Callable[[PoolView], Awaitable[tuple[dict, list[Event]]]]) -> None:
+    """Run a reconciler against the object's pool, or mark the object when the pool is not usable."""
+    _, view, why = await load_pool(namespace, body["spec"]["pool"])
+    if view is None:
+        pool_missing(body, patch, why)
+        return
+    desired, events = await reconcile(view)
+    write_status(patch, body, desired)
+    post(body, events)
+
+
 # ---- CoServingPool ------------------------------------------------------------------------------------------
 
 @kopf.on.create(GROUP, VERSION, "coservingpools")
@@ -123,18 +136,12 @@ async def pool_deleted(body: kopf.Body, namespace: str, name: str, **_) -> None:
 @kopf.on.resume(GROUP, VERSION, "inferenceendpoints")
 @kopf.timer(GROUP, VERSION, "inferenceendpoints", interval=SETTINGS.poll_seconds)
 async def endpoint(body: kopf.Body, patch: kopf.Patch, namespace: str, **_) -> None:
-    _, view, why = await load_pool(namespace, body["spec"]["pool"])
-    if view is None:
-        pool_missing(body, patch, why)
-        return
     ref = (body["spec"].get("adapter") or {}).get("fromFinetuneJob")
     job_status = None
     if ref:
         job = await kube.get_custom(namespace, "finetunejobs", ref["name"])
         job_status = (job or {}).get("status") or ({} if job else None)
-    desired, events = await reconcile_endpoint(dict(body), view, job_status)
-    write_status(patch, body, desired)
-    post(body, events)
+    await with_pool(body, patch, namespace, lambda view: reconcile_endpoint(dict(body), view, job_status))
 
 
 @kopf.on.delete(GROUP, VERSION, "inferenceendpoints")
@@ -151,13 +158,7 @@ async def endpoint_deleted(body: kopf.Body, namespace: str, **_) -> None:
 @kopf.on.resume(GROUP, VERSION, "finetunejobs")
 @kopf.timer(GROUP, VERSION, "finetunejobs", interval=SETTINGS.poll_seconds)
 async def finetune_job(body: kopf.Body, patch: kopf.Patch, namespace: str, **_) -> None:
-    _, view, why = await load_pool(namespace, body["spec"]["pool"])
-    if view is None:
-        pool_missing(body, patch, why)
-        return
-    desired, events = await reconcile_job(dict(body), view)
-    write_status(patch, body, desired)
-    post(body, events)
+    await with_pool(body, patch, namespace, lambda view: reconcile_job(dict(body), view))
 
 
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")
