@@ -148,8 +148,6 @@ def bench_peft_finetune(model_dir: Path, job, dtype, device) -> dict:
     sync()
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() - base if torch.cuda.is_available() else 0
-    del model, opt
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"tokens_per_s": tokens / elapsed, "seconds": elapsed,
             "activation_bytes_per_token": peak / seqs[0].shape[1]}
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from server_proc import EngineProcess
-from test_finetune_train import write_task
+from coserve_testlib import write_task
 
 TOKEN = "ft-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_model, make_engine, rel_err
+from coserve_testlib import hf_model, make_engine, rel_err
 from coserve.engine.cost_model import CostModel
 from coserve.engine.finetune.job import JobState
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.lora import read_adapter
 from coserve.engine.sampling import SamplingParams
-from test_lora_vs_peft import make_peft_adapter
+from coserve_testlib import make_peft_adapter
 
 FIXED_COST = CostModel(0.0, 1e-6, 0.0, 1e-6)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

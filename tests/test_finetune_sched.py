@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from conftest import make_engine
+from coserve_testlib import make_engine
 from coserve.engine.cost_model import CostModel
 from coserve.engine.finetune.job import JobState
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.sampling import SamplingParams
-from test_finetune_train import write_task
-from test_lora_vs_peft import ADAPTERS, make_peft_adapter
+from coserve_testlib import write_task
+from coserve_testlib import ADAPTERS, make_peft_adapter
 
 PROMPTS = ["Hello, world! How are", "One, two, three", "The quick brown fox", "Monday, Tuesday"]
 

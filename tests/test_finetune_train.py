@@ -2,14 +2,12 @@
 peft loads, and resumes to the same adapter as an uninterrupted run."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_model, make_engine, rel_err
+from coserve_testlib import TASK, hf_model, make_engine, rel_err, write_task
 from coserve.engine.cost_model import CostModel
 from coserve.engine.finetune.dataset import IGNORE
 from coserve.engine.finetune.job import FinetuneJob, JobState
@@ -22,16 +20,7 @@ from coserve.engine.scheduler import Chunk
 from coserve.engine.sequence import Sequence
 
 FIXED_COST = CostModel(0.0, 1e-6, 0.0, 1e-6)
-TASK = [("Question: what colour is the sky? Answer:", " blue"),
-        ("Question: what is the capital of France? Answer:", " Paris"),
-        ("One, two, three, four,", " five"),
-        ("Monday, Tuesday,", " Wednesday")]
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
-
-
-def write_task(root: Path) -> None:
-    rows = [json.dumps({"prompt": p, "completion": c}) for p, c in TASK]
-    (root / "task.jsonl").write_text("\n".join(rows) + "\n")
 
 
 def job_spec(job_id: str, output: str, **training) -> JobSpec:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from conftest import make_engine
+from coserve_testlib import make_engine
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.sampling import SamplingParams
 from coserve.engine.scheduler import Scheduler

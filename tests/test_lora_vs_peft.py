@@ -7,35 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_model, make_engine, rel_err
+from coserve_testlib import ADAPTERS, hf_model, make_engine, make_peft_adapter, rel_err
 from coserve.engine.lora import AdapterError
 from coserve.engine.runner import build_batch
 from coserve.engine.sampling import SamplingParams
 from coserve.engine.scheduler import Chunk
 from coserve.engine.sequence import Sequence
-
-ADAPTERS = {
-    "qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "attn-r8": dict(r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-    "all-r16-rslora": dict(r=16, lora_alpha=16, use_rslora=True,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"]),
-    "mlp-r128": dict(r=128, lora_alpha=64, target_modules=["gate_proj", "up_proj", "down_proj"]),
-}
-
-
-def make_peft_adapter(model_dir: Path, out: Path, seed: int, **lora) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(hf_model(model_dir), LoraConfig(lora_dropout=0.0, init_lora_weights=False, **lora))
-    with torch.no_grad():  # peft's random init is tiny; make the adapters matter
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
-    model.save_pretrained(str(out))
-    return out
-
 
 @pytest.fixture(scope="module")
 def peft_adapters(llama_dir, tmp_path_factory) -> dict[str, Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_model, make_engine, rel_err
+from coserve_testlib import hf_model, make_engine, rel_err
 from coserve.engine.runner import build_batch
 from coserve.engine.sampling import SamplingParams
 from coserve.engine.scheduler import Chunk

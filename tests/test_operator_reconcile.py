@@ -14,8 +14,8 @@ from coserve.operator.engine_client import EngineClient
 from coserve.operator.reconcile import (PoolView, reconcile_endpoint, reconcile_job, release_endpoint,
                                         release_job)
 from server_proc import EngineProcess
-from test_finetune_train import write_task
-from test_lora_vs_peft import ADAPTERS, make_peft_adapter
+from coserve_testlib import write_task
+from coserve_testlib import ADAPTERS, make_peft_adapter
 
 TOKEN = "op-token"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_engine
+from coserve_testlib import make_engine
 from coserve.engine.sampling import SamplingParams, filter_logits, sample
 
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from server_proc import EngineProcess
-from test_lora_vs_peft import ADAPTERS, make_peft_adapter
+from coserve_testlib import ADAPTERS, make_peft_adapter
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
