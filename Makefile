@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - install into .venv and run the main job on the embedded tiny model
-#   make test   - install into .venv and run the test suite
+#   make test   - install into .venv and run the test suite: tests/ (CPU) and e2e/ (a real kube-apiserver,
+#                 built from Go modules on the first run and cached under ~/.cache/coserve)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,e2e]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -19,4 +20,4 @@ demo: $(BIN)/.installed
 	$(BIN)/coserve demo
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests e2e

@@ -3,6 +3,7 @@ bad manifests refused by the API server; the operator works with the chart's RBA
 from __future__ import annotations
 
 import copy
+import ssl
 import time
 
 import httpx
@@ -41,8 +42,9 @@ def create(api, plural: str, body: dict) -> None:
 def table(api, plural: str) -> dict:
     """What `kubectl get` shows: the server-side table with the printer columns."""
     cfg = api.configuration
-    r = httpx.get(f"{cfg.host}/apis/{GROUP}/{VERSION}/namespaces/{NS}/{plural}", verify=cfg.ssl_ca_cert,
-                  headers={"Authorization": cfg.get_api_key_with_prefix("authorization"),
+    r = httpx.get(f"{cfg.host}/apis/{GROUP}/{VERSION}/namespaces/{NS}/{plural}",
+                  verify=ssl.create_default_context(cafile=cfg.ssl_ca_cert),
+                  headers={"Authorization": cfg.api_key["BearerToken"],
                            "Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
     return r.json()
 
