@@ -12,11 +12,11 @@ import kubernetes
 import pytest
 import yaml
 
-from harness import ROOT, ControlPlane, render_chart_rbac
+from harness import NS, ROOT, ControlPlane, render_chart_rbac
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-NS, OP_NS, TOKEN = "e2e", "coserve-system", "e2e-engine-token"
+OP_NS, TOKEN = "coserve-system", "e2e-engine-token"
 
 
 @pytest.fixture(scope="session")

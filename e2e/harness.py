@@ -20,6 +20,7 @@ ROOT = HERE.parent
 K8S_VERSION = re.search(r"k8s.io/kubernetes (v[\d.]+)", (HERE / "apiserver" / "go.mod").read_text()).group(1)
 CACHE = Path(os.environ.get("COSERVE_CACHE", Path.home() / ".cache" / "coserve")) / f"kube-{K8S_VERSION}"
 ADMIN_TOKEN = "e2e-admin-token"
+NS = "e2e"   # where the tests' objects live
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import kubernetes
 import openai
 import pytest
 
-from conftest import NS
+from harness import NS
 
 GROUP, VERSION = "coserve.dev", "v1alpha1"
 
