@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import kubernetes
 import pytest
@@ -105,19 +106,33 @@ def engines(model_dirs, data_root):
         p.stop()
 
 
+class OperatorProcess:
+    """`coserve operator` as its own process, authenticated as the operator's ServiceAccount."""
+
+    def __init__(self, kubeconfig: Path, log: Path):
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "COSERVE_POLL_SECONDS": "1",
+                    "COSERVE_HEALTH_PORT": "0", "COSERVE_ENGINE_TIMEOUT_SECONDS": "3"}
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "coserve.engine.cli", "operator"], env=self.env,
+                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        time.sleep(2)
+        if self.proc.poll() is not None:
+            raise RuntimeError(self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def operator(operator_kubeconfig, crds, tmp_path_factory):
-    log = tmp_path_factory.mktemp("oplog") / "operator.log"
-    env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig), "COSERVE_POLL_SECONDS": "1",
-           "COSERVE_HEALTH_PORT": "0", "COSERVE_ENGINE_TIMEOUT_SECONDS": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "coserve.engine.cli", "operator"], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    time.sleep(2)
-    if proc.poll() is not None:
-        raise RuntimeError(log.read_text()[-3000:])
-    yield proc, log
-    proc.terminate()
-    proc.wait(timeout=20)
+    op = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("oplog") / "operator.log")
+    op.start()
+    yield op
+    op.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,192 @@
+"""Operations on a real API server: the examples apply and a managed pool gets its owned objects; GitOps
+re-apply changes nothing; the API server refuses a set of bad manifests naming the field; an engine dying
+mid-job and an operator restart lose no more than one checkpoint interval and duplicate nothing."""
+from __future__ import annotations
+
+import copy
+import time
+
+
+import httpx
+import kubernetes
+import pytest
+import yaml
+
+from harness import NS, ROOT
+
+GROUP, VERSION = "coserve.dev", "v1alpha1"
+PLURALS = {"CoServingPool": "coservingpools", "InferenceEndpoint": "inferenceendpoints",
+           "FinetuneJob": "finetunejobs"}
+
+
+def custom(api) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api)
+
+
+def server_side_apply(api, body: dict) -> dict:
+    return custom(api).patch_namespaced_custom_object(
+        GROUP, VERSION, NS, PLURALS[body["kind"]], body["metadata"]["name"], body, field_manager="gitops",
+        force=True, _content_type="application/apply-patch+yaml")
+
+
+def get(api, plural: str, name: str) -> dict:
+    return custom(api).get_namespaced_custom_object(GROUP, VERSION, NS, plural, name)
+
+
+def wait_for(api, plural: str, name: str, check, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    obj: dict = {}
+    while time.monotonic() < deadline:
+        obj = get(api, plural, name)
+        if check(obj.get("status") or {}):
+            return obj
+        time.sleep(0.5)
+    raise AssertionError(f"{plural}/{name} never got there: {obj.get('status')}")
+
+
+def ready(status: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
+
+def test_examples_apply_and_a_managed_pool_gets_its_owned_objects(api, operator):
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        server_side_apply(api, yaml.safe_load(path.read_text()))
+    apps, core = kubernetes.client.AppsV1Api(api), kubernetes.client.CoreV1Api(api)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            sts = apps.read_namespaced_stateful_set("llama-pool", NS)
+            svc = core.read_namespaced_service("llama-pool", NS)
+            secret = core.read_namespaced_secret("llama-pool-admin-token", NS)
+            break
+        except kubernetes.client.ApiException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    pool_uid = get(api, "coservingpools", "llama-pool")["metadata"]["uid"]
+    for obj in (sts, svc, secret):
+        assert [o.uid for o in obj.metadata.owner_references] == [pool_uid]
+    assert sts.spec.replicas == 2 and svc.spec.cluster_ip == "None" and "token" in secret.data
+    job = wait_for(api, "finetunejobs", "support-bot", lambda s: s.get("conditions"))
+    assert job["status"]["phase"] == "Pending"   # the pool's pods never start here: no kubelet
+    for kind, plural in PLURALS.items():
+        for path in sorted((ROOT / "examples").glob("*.yaml")):
+            body = yaml.safe_load(path.read_text())
+            if body["kind"] == kind:
+                custom(api).delete_namespaced_custom_object(GROUP, VERSION, NS, plural, body["metadata"]["name"])
+
+
+def test_gitops_reapply_changes_nothing_and_a_spec_change_is_reconciled(api, pool):
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "gitops"},
+            "spec": {"pool": pool, "replicas": 2, "adapter": {"path": "adapters/qv"}}}
+    server_side_apply(api, body)
+    first = wait_for(api, "inferenceendpoints", "gitops", lambda s: ready(s) and s.get("readyReplicas") == 2)
+    time.sleep(3)
+    settled = get(api, "inferenceendpoints", "gitops")
+    server_side_apply(api, copy.deepcopy(body))
+    time.sleep(3)   # three operator polls
+    again = get(api, "inferenceendpoints", "gitops")
+    assert again["metadata"]["generation"] == first["metadata"]["generation"]
+    assert again["metadata"]["resourceVersion"] == settled["metadata"]["resourceVersion"], "status churned"
+    assert again["status"]["placements"] == first["status"]["placements"]
+    body["spec"]["replicas"] = 1
+    server_side_apply(api, body)
+    scaled = wait_for(api, "inferenceendpoints", "gitops", lambda s: s.get("readyReplicas") == 1
+                      and s.get("observedGeneration") == first["metadata"]["generation"] + 1)
+    assert len(scaled["status"]["placements"]) == 1
+
+
+JOB = {"pool": "pool", "dataset": {"path": "task.jsonl", "format": "text"}}
+ENDPOINT = {"pool": "pool"}
+BAD = [
+    ("FinetuneJob", {"lora": {"r": -2}}, "spec.lora.r"),
+    ("FinetuneJob", {"lora": {"r": 512}}, "spec.lora.r"),
+    ("FinetuneJob", {"lora": {"alpha": 0}}, "spec.lora.alpha"),
+    ("FinetuneJob", {"lora": {"dropout": 1.5}}, "spec.lora.dropout"),
+    ("FinetuneJob", {"training": {"optimizer": "lion"}}, "spec.training.optimizer"),
+    ("FinetuneJob", {"training": {"epochs": 0}}, "spec.training.epochs"),
+    ("FinetuneJob", {"training": {"lrSchedule": "step"}}, "spec.training.lrSchedule"),
+    ("FinetuneJob", {"checkpointEvery": 0}, "spec.checkpointEvery"),
+    ("FinetuneJob", {"dataset": None}, "spec.dataset"),
+    ("FinetuneJob", {"initFrom": "../../etc"}, "initFrom must be relative"),
+    ("InferenceEndpoint", {"adapter": {}}, "adapter needs exactly one"),
+    ("InferenceEndpoint", {"adapter": {"path": "/abs/adapter"}}, "adapter.path must be relative"),
+    ("InferenceEndpoint", {"adapter": {"fromFinetuneJob": {"name": "j", "checkpoint": "best"}}},
+     "spec.adapter.fromFinetuneJob.checkpoint"),
+    ("InferenceEndpoint", {"replicas": 100}, "spec.replicas"),
+    ("InferenceEndpoint", {"servedModelName": "white space"}, "spec.servedModelName"),
+    ("CoServingPool", {"model": {"path": "m"}}, "give exactly one of spec.engines"),
+    ("CoServingPool", {"model": {"path": "../m"}, "engines": [{"name": "a", "url": "http://a"}]},
+     "model.path must be relative"),
+    ("CoServingPool", {"model": {"path": "m"}, "engines": [{"name": "a", "url": "ftp://a"}]},
+     "spec.engines[0].url"),
+]
+
+
+@pytest.mark.parametrize("kind, change, message", BAD, ids=[f"{k}-{m}" for k, _, m in BAD])
+def test_api_server_refuses_bad_manifests(api, crds, namespaces, kind, change, message):
+    spec = copy.deepcopy(JOB if kind == "FinetuneJob" else ENDPOINT if kind == "InferenceEndpoint" else {})
+    for key, value in change.items():
+        if value is None:
+            spec.pop(key, None)
+        elif isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, PLURALS[kind], {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": "refused"}, "spec": spec})
+    assert err.value.status == 422 and message in err.value.body, err.value.body
+
+
+def test_engine_death_and_operator_restart_mid_job(api, namespaces, crds, operator, model_dirs, data_root):
+    """A dedicated pool of two engines: kill the one training, restart the operator; the job resumes from
+    its last checkpoint on the other engine and finishes, with one engine job per placement."""
+    import base64
+
+    from server_proc import EngineProcess
+
+    token = "fault-token"
+    procs = [EngineProcess(model_dirs["llama"], data_root, token, "--num-kv-blocks", "128") for _ in range(2)]
+    try:
+        namespaces.create_namespaced_secret(NS, kubernetes.client.V1Secret(
+            metadata=kubernetes.client.V1ObjectMeta(name="fault-token"),
+            data={"token": base64.b64encode(token.encode()).decode()}))
+        custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "coservingpools", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "CoServingPool", "metadata": {"name": "faulty"},
+            "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": "fault-token"},
+                     "engines": [{"name": f"f{i}", "url": p.url} for i, p in enumerate(procs)]}})
+        custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "finetunejobs", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneJob", "metadata": {"name": "survivor"},
+            "spec": {"pool": "faulty", "dataset": {"path": "task.jsonl", "format": "prompt_completion"},
+                     "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+                     "training": {"lr": 0.01, "epochs": 150, "chunkTokens": 8}, "checkpointEvery": 20}})
+        job = wait_for(api, "finetunejobs", "survivor", lambda s: len(s.get("checkpoints") or []) >= 1)
+        first = job["status"]["placement"]["engine"]
+        procs[int(first[1])].stop()
+        moved = wait_for(api, "finetunejobs", "survivor", lambda s: (s.get("placement") or {}).get("engine")
+                         not in (None, first))
+        last_before = max(c["step"] for c in job["status"]["checkpoints"])
+        assert moved["status"]["lastFailure"]["engine"] == first
+        assert moved["status"]["progress"]["currentStep"] >= last_before
+        operator.stop()
+        operator.start()
+        done = wait_for(api, "finetunejobs", "survivor", lambda s: s.get("phase") == "Succeeded", timeout=300)
+        assert done["status"]["progress"]["currentStep"] == done["status"]["progress"]["totalSteps"] == 600
+        alive = procs[1 - int(first[1])]
+        jobs = httpx.get(alive.url + "/admin/finetune/jobs", headers={"Authorization": f"Bearer {token}"}).json()
+        assert len(jobs["jobs"]) == 1, "the restarted operator must adopt the job, not start another"
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_deleting_a_pool_with_work_marks_the_work(api, pool, engines):
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "inferenceendpoints", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "orphan"},
+        "spec": {"pool": "gone-pool"}})
+    obj = wait_for(api, "inferenceendpoints", "orphan", lambda s: any(
+        c["type"] == "Ready" and c["reason"] == "PoolNotReady" for c in s.get("conditions", [])))
+    assert "does not exist" in next(c["message"] for c in obj["status"]["conditions"] if c["type"] == "Ready")
+
+
