@@ -59,9 +59,11 @@ async def load_pool(namespace: str, name: str) -> tuple[dict | None, PoolView | 
 
 def pool_missing(body: dict, patch: kopf.Patch, why: str) -> None:
     gen = body["metadata"].get("generation")
-    conditions = set_condition((body.get("status") or {}).get("conditions") or [], "Ready", False, "PoolNotReady",
-                               why, gen)
-    write_status(patch, body, {**(body.get("status") or {}), "conditions": conditions, "observedGeneration": gen})
+    status = dict(body.get("status") or {})
+    conditions = set_condition(status.get("conditions") or [], "Ready", False, "PoolNotReady", why, gen)
+    if body["kind"] == "FinetuneJob":
+        status.setdefault("phase", "Pending")
+    write_status(patch, body, {**status, "conditions": conditions, "observedGeneration": gen})
     post(body, [("Warning", "PoolNotReady", why)])
 
 

@@ -52,6 +52,11 @@ def headless_service(pool: dict, settings: OperatorSettings) -> dict:
                      "ports": [{"name": ENGINE_PORT_NAME, "port": settings.engine_port}]}}
 
 
+def quantities(resources: dict) -> dict:
+    """Resource quantities as the strings the API's schema types them as (`nvidia.com/gpu: 1` -> "1")."""
+    return {section: {name: str(q) for name, q in (values or {}).items()} for section, values in resources.items()}
+
+
 def statefulset(pool: dict, settings: OperatorSettings) -> dict:
     """Engine pods: `coserve serve` on the pool's model, with the shared volume and the admin token."""
     spec, name = pool["spec"], pool["metadata"]["name"]
@@ -73,7 +78,7 @@ def statefulset(pool: dict, settings: OperatorSettings) -> dict:
     container = {"name": "engine", "image": t.get("image", "ghcr.io/coserve/coserve:0.1.0"),
                  "command": ["coserve"], "args": args, "ports": [{"name": ENGINE_PORT_NAME,
                                                                   "containerPort": settings.engine_port}],
-                 "resources": t.get("resources") or {}, "volumeMounts": mounts, "readinessProbe": probe,
+                 "resources": quantities(t.get("resources") or {}), "volumeMounts": mounts, "readinessProbe": probe,
                  "livenessProbe": {"httpGet": {"path": "/health", "port": settings.engine_port},
                                    "periodSeconds": 10, "failureThreshold": 6}}
     pod_spec = {"containers": [container], "volumes": volumes}

@@ -93,6 +93,8 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
                 status["lastFailure"] = {"engine": p["engine"], "time": now_iso(), "message": "engine not answering"}
             else:
                 placements.append(p)
+        if path is not None:
+            placements += await _holders(pool, caps, name, path, {p["engine"] for p in placements})
         extra = placements[replicas:]
         placements = placements[:replicas]
         for p in extra:
@@ -112,6 +114,7 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
             await _ensure_adapter(pool, p, name, path, events)
             if p["state"] == "Failed":
                 status["lastFailure"] = {"engine": p["engine"], "time": now_iso(), "message": p.get("lastError", "")}
+    placements.sort(key=lambda p: p["engine"])   # a stable order, so an unchanged state writes nothing
     ready = sum(p["state"] == "Loaded" for p in placements)
     loaded = [p for p in placements if p["state"] == "Loaded"]
     url = pool.service_urls.get(meta["name"]) or (loaded[0]["url"] + "/v1" if loaded else "")
@@ -132,6 +135,23 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
     if "lastFailure" in status:
         out["lastFailure"] = status["lastFailure"]
     return out, events
+
+
+async def _holders(pool: PoolView, caps: dict[str, dict | None], name: str, path: str,
+                   known: set[str]) -> list[dict]:
+    """Engines that already hold the adapter but are missing from status (a stale or lost status write):
+    adopted, so replicas are never placed twice."""
+    found = []
+    for engine, cap in caps.items():
+        if cap is None or engine in known:
+            continue
+        try:
+            have = await pool.client.get_adapter(pool.engines[engine], name)
+        except (EngineUnavailable, EngineRejected):
+            continue
+        if have is not None and have.get("path") == path:
+            found.append({"engine": engine, "url": pool.engines[engine], "state": "Loaded", "adapterPath": path})
+    return found
 
 
 async def _ensure_adapter(pool: PoolView, p: dict, name: str, path: str, events: list[Event]) -> None:
@@ -307,16 +327,18 @@ async def _place_job(body: dict, status: dict, pool: PoolView, out: dict,
     resume = status.get("latestCheckpoint") or None
     async with pool.lock():
         caps = await pool.capacities()
-        engine = pick_job_engine(caps)
+        job_id = engine_job_id(meta["namespace"], meta["name"], attempt)
+        adopted = await _find_job(pool, caps, job_id)
+        engine = adopted or pick_job_engine(caps)
         if engine is None:
             events.append(("Warning", "NoCapacity", "no engine of the pool has a free finetuning slot"))
             out.update(phase="Pending", placement=None, conditions=set_condition(
                 conditions, "Placed", False, "NoCapacity", "waiting for a free finetuning slot", generation))
             return out, events
-        job_id = engine_job_id(meta["namespace"], meta["name"], attempt)
         url = pool.engines[engine]
         try:
-            progress = await pool.client.create_job(url, engine_job_body(body, job_id, resume))
+            progress = (await pool.client.get_job(url, job_id) if adopted
+                        else await pool.client.create_job(url, engine_job_body(body, job_id, resume)))
         except EngineRejected as exc:
             if exc.status == 409 and exc.param == "id":
                 progress = await pool.client.get_job(url, job_id)   # created before a restart: adopt it
@@ -340,6 +362,21 @@ async def _place_job(body: dict, status: dict, pool: PoolView, out: dict,
                                         f"attempt {attempt}", generation))
     out.update(_progress_fields(progress, status, events))
     return out, events
+
+
+async def _find_job(pool: PoolView, caps: dict[str, dict | None], job_id: str) -> str | None:
+    """The engine already running this attempt, if any: placing twice (a handler that saw a stale status, an
+    operator restarted mid-placement) adopts it instead of starting a second job."""
+    for engine, cap in caps.items():
+        if cap is None:
+            continue
+        try:
+            found = await pool.client.get_job(pool.engines[engine], job_id)
+        except (EngineUnavailable, EngineRejected):
+            continue
+        if found.get("state") in ("queued", "running", "succeeded"):
+            return engine
+    return None
 
 
 async def release_job(body: dict, pool: PoolView) -> list[Event]:

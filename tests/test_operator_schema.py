@@ -103,7 +103,7 @@ def test_managed_pool_objects():
     container = sts["spec"]["template"]["spec"]["containers"][0]
     assert sts["spec"]["replicas"] == 2 and sts["spec"]["serviceName"] == "llama-pool"
     assert container["args"][:4] == ["serve", "--model", "/data/models/llama-3.1-8b-instruct", "--data-root"]
-    assert "--admin-token-file" in container["args"] and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--admin-token-file" in container["args"] and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert sts["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert headless_service(pool, settings)["spec"]["clusterIP"] == "None"
     secret = token_secret(pool)
