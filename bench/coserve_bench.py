@@ -53,24 +53,27 @@ def build_model(out: Path, small: bool) -> Path:
     return write_tiny_model(out, spec)
 
 
-def bench_ours_inference(engine, prompts: list[list[int]], max_tokens: int) -> dict:
-    from coserve.engine.sampling import SamplingParams
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    engine.generate([p[:8] for p in prompts[:2]], SamplingParams(max_tokens=4, temperature=0))   # warm-up
+def serve_until_idle(engine) -> tuple[float, list[float]]:
+    """Step until the inference requests are done: (seconds, time of each decode-only iteration)."""
     step_times: list[float] = []
-    for i, p in enumerate(prompts):
-        engine.add_request(f"inf{i}", p, params)
     sync()
     t0 = time.perf_counter()
-    generated = 0
     while engine.scheduler.has_work():
         s0 = time.perf_counter()
         engine.step()
         sync()
         if engine.last_step.decode_tokens and not engine.last_step.prefill_tokens:
             step_times.append(time.perf_counter() - s0)
-        generated += engine.last_step.decode_tokens
-    elapsed = time.perf_counter() - t0
+    return time.perf_counter() - t0, step_times
+
+
+def bench_ours_inference(engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    from coserve.engine.sampling import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    engine.generate([p[:8] for p in prompts[:2]], SamplingParams(max_tokens=4, temperature=0))   # warm-up
+    for i, p in enumerate(prompts):
+        engine.add_request(f"inf{i}", p, params)
+    elapsed, step_times = serve_until_idle(engine)
     total = len(prompts) * max_tokens
     return {"tokens_per_s": total / elapsed, "seconds": elapsed,
             "decode_step_ms_p50": 1000 * statistics.median(step_times)}
@@ -160,16 +163,7 @@ def bench_coserve(engine, data_root: Path, prompts, max_tokens: int, seq_len: in
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"co{i}", p, params)
-    step_times: list[float] = []
-    sync()
-    t0 = time.perf_counter()
-    while engine.scheduler.has_work():
-        s0 = time.perf_counter()
-        engine.step()
-        sync()
-        if engine.last_step.decode_tokens and not engine.last_step.prefill_tokens:
-            step_times.append(time.perf_counter() - s0)
-    elapsed = time.perf_counter() - t0
+    elapsed, step_times = serve_until_idle(engine)
     ft_tokens = job.tokens
     engine.finetune.cancel("cojob")
     return {"inference_tokens_per_s": len(prompts) * max_tokens / elapsed, "finetune_tokens_per_s":

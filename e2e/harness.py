@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import kubernetes
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -143,3 +144,30 @@ def render_chart_rbac(release: str, namespace: str) -> list[dict]:
     text = text.replace("{{ .Release.Name }}", release).replace("{{ .Release.Namespace }}", namespace)
     assert "{{" not in text, "the chart's RBAC template uses more than this renderer knows"
     return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+GROUP, VERSION = "coserve.dev", "v1alpha1"
+
+
+def custom(api) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api)
+
+
+def get(api, plural: str, name: str) -> dict:
+    return custom(api).get_namespaced_custom_object(GROUP, VERSION, NS, plural, name)
+
+
+def wait_for(api, plural: str, name: str, check, timeout: float = 120) -> dict:
+    """Poll the object until `check(status)` holds."""
+    deadline = time.monotonic() + timeout
+    obj: dict = {}
+    while time.monotonic() < deadline:
+        obj = get(api, plural, name)
+        if check(obj.get("status") or {}):
+            return obj
+        time.sleep(0.5)
+    raise AssertionError(f"{plural}/{name} never got there: {obj.get('status')}")
+
+
+def ready(status: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))

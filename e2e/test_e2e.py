@@ -11,28 +11,14 @@ import kubernetes
 import openai
 import pytest
 
-from harness import NS
-
-GROUP, VERSION = "coserve.dev", "v1alpha1"
+from harness import GROUP, NS, VERSION, custom, ready, wait_for
 
 
-def custom(api) -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(api)
 
 
-def wait_for(api, plural: str, name: str, check, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    obj: dict = {}
-    while time.monotonic() < deadline:
-        obj = custom(api).get_namespaced_custom_object(GROUP, VERSION, NS, plural, name)
-        if check(obj.get("status") or {}):
-            return obj
-        time.sleep(0.5)
-    raise AssertionError(f"{plural}/{name} never got there: {obj.get('status')}")
 
 
-def ready(status: dict) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
 
 
 def create(api, plural: str, body: dict) -> None:

@@ -12,15 +12,12 @@ import kubernetes
 import pytest
 import yaml
 
-from harness import NS, ROOT
+from harness import GROUP, NS, ROOT, VERSION, custom, get, ready, wait_for
 
-GROUP, VERSION = "coserve.dev", "v1alpha1"
 PLURALS = {"CoServingPool": "coservingpools", "InferenceEndpoint": "inferenceendpoints",
            "FinetuneJob": "finetunejobs"}
 
 
-def custom(api) -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(api)
 
 
 def server_side_apply(api, body: dict) -> dict:
@@ -29,23 +26,10 @@ def server_side_apply(api, body: dict) -> dict:
         force=True, _content_type="application/apply-patch+yaml")
 
 
-def get(api, plural: str, name: str) -> dict:
-    return custom(api).get_namespaced_custom_object(GROUP, VERSION, NS, plural, name)
 
 
-def wait_for(api, plural: str, name: str, check, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    obj: dict = {}
-    while time.monotonic() < deadline:
-        obj = get(api, plural, name)
-        if check(obj.get("status") or {}):
-            return obj
-        time.sleep(0.5)
-    raise AssertionError(f"{plural}/{name} never got there: {obj.get('status')}")
 
 
-def ready(status: dict) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
 
 
 def test_examples_apply_and_a_managed_pool_gets_its_owned_objects(api, operator):
@@ -181,12 +165,33 @@ def test_engine_death_and_operator_restart_mid_job(api, namespaces, crds, operat
             p.stop()
 
 
-def test_deleting_a_pool_with_work_marks_the_work(api, pool, engines):
+def test_deleting_a_pool_marks_its_work_and_deleting_a_job_cancels_it(api, pool, engines):
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "coservingpools", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "CoServingPool", "metadata": {"name": "short-lived"},
+        "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": "engine-token"},
+                 "engines": [{"name": "e0", "url": engines[0].url}]}})
     custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "inferenceendpoints", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "orphan"},
-        "spec": {"pool": "gone-pool"}})
+        "spec": {"pool": "short-lived"}})
+    wait_for(api, "inferenceendpoints", "orphan", ready)
+    custom(api).delete_namespaced_custom_object(GROUP, VERSION, NS, "coservingpools", "short-lived")
     obj = wait_for(api, "inferenceendpoints", "orphan", lambda s: any(
         c["type"] == "Ready" and c["reason"] == "PoolNotReady" for c in s.get("conditions", [])))
     assert "does not exist" in next(c["message"] for c in obj["status"]["conditions"] if c["type"] == "Ready")
 
-
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "finetunejobs", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneJob", "metadata": {"name": "doomed"},
+        "spec": {"pool": pool, "dataset": {"path": "task.jsonl", "format": "prompt_completion"},
+                 "training": {"epochs": 500}, "checkpointEvery": 1000}})
+    job = wait_for(api, "finetunejobs", "doomed", lambda s: s.get("phase") == "Running")
+    placement = job["status"]["placement"]
+    custom(api).delete_namespaced_custom_object(GROUP, VERSION, NS, "finetunejobs", "doomed")
+    headers = {"Authorization": "Bearer e2e-engine-token"}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{placement['url']}/admin/finetune/jobs/{placement['engineJobId']}",
+                          headers=headers).json()["state"]
+        if state == "cancelled":
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the engine job is still {state}")

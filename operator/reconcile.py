@@ -225,7 +225,14 @@ def _merge_checkpoints(old: list[dict], new: list[dict]) -> list[dict]:
     for c in new:
         by_step[c["step"]] = {"step": c["step"], "path": c["path"], "sha256": c["sha256"],
                               "createdAt": c.get("createdAt") or _iso(c.get("time"))}
+        if c.get("loss") is not None:
+            by_step[c["step"]]["loss"] = round(c["loss"], 6)
     return [by_step[s] for s in sorted(by_step)][-50:]
+
+
+def _age(iso: str) -> float:
+    started = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
 
 
 def _iso(ts: float | None) -> str:
@@ -288,6 +295,19 @@ async def _reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]
             events.append(("Normal", "Suspended", "job stopped after a checkpoint"))
         out.update(phase="Suspended", placement=None, conditions=set_condition(
             conditions, "Progressing", False, "Suspended", "spec.suspend is true", generation))
+        return out, events
+    deadline = spec.get("activeDeadlineSeconds")
+    if placement and deadline and status.get("startTime") and _age(status["startTime"]) > deadline:
+        try:
+            final = await pool.client.cancel_job(placement["url"], placement["engineJobId"], checkpoint=True)
+            if final:
+                out.update(_progress_fields(final, status, events))
+        except (EngineUnavailable, EngineRejected):
+            pass
+        message = f"ran longer than activeDeadlineSeconds={deadline}; stopped after a checkpoint"
+        events.append(("Warning", "DeadlineExceeded", message))
+        out.update(phase="Failed", placement=None, completionTime=now_iso(), conditions=set_condition(
+            conditions, "Failed", True, "DeadlineExceeded", message, generation))
         return out, events
     if placement:
         try:

@@ -186,3 +186,16 @@ def test_job_on_a_dead_engine_resumes_elsewhere_from_its_checkpoint(llama_dir, d
         for p in procs:
             p.stop()
     shutil.rmtree(data_root / "adapters" / "ns" / "survivor", ignore_errors=True)
+
+
+def test_active_deadline_stops_the_job_after_a_checkpoint(engines):
+    pool = pool_of(engines)
+    body = job("late", activeDeadlineSeconds=1, checkpointEvery=1000,
+               training={"lr": 0.01, "epochs": 200, "chunkTokens": 8})
+    status, _ = run(reconcile_job(body, pool))
+    run(asyncio.sleep(2.2))
+    body["status"] = status
+    status, events = run(reconcile_job(body, pool))
+    assert status["phase"] == "Failed" and cond(status, "Failed")["reason"] == "DeadlineExceeded"
+    assert status["checkpoints"] and status["checkpoints"][-1]["loss"] > 0
+    assert "DeadlineExceeded" in [e[1] for e in events]

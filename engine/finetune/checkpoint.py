@@ -23,6 +23,7 @@ class Checkpoint:
     path: str          # relative to the data root
     sha256: str        # of adapter_model.safetensors
     time: float
+    loss: float | None = None   # of the optimizer step that produced it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,8 +53,9 @@ def save_checkpoint(output: Path, data_root: Path, step: int, adapter: TrainAdap
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    losses = trainer_state.get("losses") or []
     return Checkpoint(step, str(final.relative_to(data_root)), sha256_file(final / "adapter_model.safetensors"),
-                      time.time())
+                      time.time(), losses[step - 1] if 0 < step <= len(losses) else None)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
