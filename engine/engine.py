@@ -138,8 +138,6 @@ class LLMEngine:
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         seq.output_ids.append(token)
         seq.output_logprobs.append(logprob)
         p = seq.params

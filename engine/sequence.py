@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,8 +45,6 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
     generator: torch.Generator | None = None
     text: str = ""                   # decoded output, stop strings cut off
     emitted_chars: int = 0

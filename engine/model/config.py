@@ -28,7 +28,6 @@ class ModelConfig:
     sliding_window: int | None = None
     rope_scaling: dict[str, Any] | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    torch_dtype: str = "float32"
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
@@ -80,5 +79,4 @@ class ModelConfig:
             sliding_window=window,
             rope_scaling=rope if rope_type != "default" else None,
             eos_token_ids=list(eos),
-            torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
         )
