@@ -94,7 +94,7 @@ def bench_hf_inference(model_dir: Path, prompts: list[list[int]], max_tokens: in
     return {"tokens_per_s": len(prompts) * max_tokens / elapsed, "seconds": elapsed}
 
 
-def job_spec(data_root: Path, seq_len: int, steps: int, job_id: str):
+def job_spec(data_root: Path, seq_len: int, steps: int, job_id: str, chunk_tokens: int):
     from coserve.engine.finetune.spec import JobSpec
     g = torch.Generator().manual_seed(0)
     rows = [{"text": " ".join(str(int(x)) for x in torch.randint(0, 999, (seq_len,), generator=g))}
@@ -104,12 +104,13 @@ def job_spec(data_root: Path, seq_len: int, steps: int, job_id: str):
                                    "output": f"out-{job_id}",
                                    "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
                                    "training": {"lr": 1e-4, "max_steps": steps, "max_seq_len": seq_len,
-                                                "chunk_tokens": 128, "shuffle": False}})
+                                                "chunk_tokens": chunk_tokens, "shuffle": False}})
 
 
-def bench_ours_finetune(engine, data_root: Path, seq_len: int, steps: int, job_id: str) -> tuple[dict, object]:
+def bench_ours_finetune(engine, data_root: Path, seq_len: int, steps: int, job_id: str,
+                        chunk_tokens: int) -> tuple[dict, object]:
     from coserve.engine.finetune.manager import build_job
-    job = build_job(engine, job_spec(data_root, seq_len, steps, job_id))
+    job = build_job(engine, job_spec(data_root, seq_len, steps, job_id, chunk_tokens))
     engine.finetune.add(job)
     sync()
     t0 = time.perf_counter()
@@ -155,10 +156,11 @@ def bench_peft_finetune(model_dir: Path, job, dtype, device) -> dict:
             "activation_bytes_per_token": peak / seqs[0].shape[1]}
 
 
-def bench_coserve(engine, data_root: Path, prompts, max_tokens: int, seq_len: int, steps: int) -> dict:
+def bench_coserve(engine, data_root: Path, prompts, max_tokens: int, seq_len: int, steps: int,
+                  chunk_tokens: int) -> dict:
     from coserve.engine.finetune.manager import build_job
     from coserve.engine.sampling import SamplingParams
-    job = build_job(engine, job_spec(data_root, seq_len, steps * 100, "cojob"))
+    job = build_job(engine, job_spec(data_root, seq_len, steps * 100, "cojob", chunk_tokens))
     engine.finetune.add(job)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -179,6 +181,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--chunk-tokens", type=int, default=128, help="finetuning forward chunk / backward unit size")
     ap.add_argument("--slo-factor", type=float, default=1.5, help="TPOT target = factor x inference-only TPOT")
     args = ap.parse_args()
     import_coserve()
@@ -202,10 +205,10 @@ def main() -> None:
 
     eng = engine(1e6)
     ours_inf = bench_ours_inference(eng, prompts, args.max_tokens)
-    ours_ft, job = bench_ours_finetune(eng, work, args.seq_len, args.steps, "ftonly")
+    ours_ft, job = bench_ours_finetune(eng, work, args.seq_len, args.steps, "ftonly", args.chunk_tokens)
     slo = args.slo_factor * ours_inf["decode_step_ms_p50"]
     eng.config.tpot_slo_ms = slo
-    co = bench_coserve(eng, work, prompts, args.max_tokens, args.seq_len, args.steps)
+    co = bench_coserve(eng, work, prompts, args.max_tokens, args.seq_len, args.steps, args.chunk_tokens)
     cost = eng.cost.to_dict()
     del eng
     hf_inf = bench_hf_inference(model_dir, prompts, args.max_tokens, dtype, device)
@@ -215,7 +218,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
         "shapes": {"model": "TinyLlama-1.1B shape, random weights" if not args.small else "tiny", "dtype": dtype_name,
                    "batch": args.batch, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
-                   "finetune_seq_len": args.seq_len, "lora": "r=16 q_proj,v_proj"},
+                   "finetune_seq_len": args.seq_len, "chunk_tokens": args.chunk_tokens,
+                   "lora": "r=16 q_proj,v_proj"},
         "cost_model": cost,
         "inference": {"ours": ours_inf, "hf_transformers": hf_inf,
                       "ratio_ours_over_hf": ours_inf["tokens_per_s"] / hf_inf["tokens_per_s"]},
