@@ -58,8 +58,8 @@ def profile(engine: "LLMEngine") -> CostModel:
     from coserve.engine.scheduler import Chunk
     from coserve.engine.sequence import Sequence
 
-    sizes = (4, max(8, min(64, engine.config.max_batched_tokens, engine.blocks.num_free * engine.blocks.block_size
-                             // 2)))
+    sizes = (8, max(16, min(256, engine.config.max_batched_tokens, engine.blocks.num_free * engine.blocks.block_size
+                              // 2)))   # the large size must leave launch-bound territory, or the slope reads flat
     seq = Sequence("profile", [1] * sizes[1], SamplingParams(max_tokens=1))
     engine.blocks.allocate(seq.request_id, sizes[1])
     adapter = TrainAdapter(engine.model, LoRASpec(r=8, target_modules=["q_proj", "v_proj"]), seed=0)
