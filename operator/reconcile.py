@@ -93,7 +93,7 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
                 status["lastFailure"] = {"engine": p["engine"], "time": now_iso(), "message": "engine not answering"}
             else:
                 placements.append(p)
-        if path is not None:
+        if path is not None and len(placements) < replicas:   # only a placement can go twice
             placements += await _holders(pool, caps, name, path, {p["engine"] for p in placements})
         extra = placements[replicas:]
         placements = placements[:replicas]
