@@ -153,3 +153,19 @@ def test_bad_job_settings_are_refused_before_training(llama_dir, tmp_path, updat
     with pytest.raises(JobError) as err:
         build_job(engine, JobSpec.model_validate(body))
     assert err.value.param == param
+
+
+def test_a_job_queued_for_an_adapter_slot_starts_when_one_frees(llama_dir, tmp_path):
+    write_task(tmp_path)
+    make_peft_adapter(llama_dir, tmp_path / "other", 5, **ADAPTERS["qv-r4"])
+    engine = make_engine(llama_dir, data_root=str(tmp_path), max_loras=1,
+                         cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
+    engine.loras.load("other", tmp_path / "other")
+    job = build_job(engine, spec("waits"))
+    engine.finetune.add(job)
+    assert job.state is JobState.QUEUED and not engine.has_work()
+    engine.loras.unload("other")
+    assert engine.has_work() and job.state is JobState.RUNNING
+    while engine.has_work():
+        engine.step()
+    assert job.state is JobState.SUCCEEDED and job.sequences == [] and job.progress()["epoch"] == 2

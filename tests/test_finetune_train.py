@@ -81,19 +81,19 @@ def test_peft_and_transformers_give_the_same_loss_curve(trained, llama_dir):
             if "lora_" in name:
                 module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
                 p.copy_(fresh.adapter.params[module][0 if "lora_A" in name else 1])
-    fresh.cancel()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     losses = []
     for step in range(job.total_steps):
-        (i,) = job._sequence_indices(step)
-        ex = job.sequences[i]
+        (i,) = fresh._sequence_indices(step)   # the same seed, so the same data order as the trained job
+        ex = fresh.sequences[i]
         logits = model(torch.tensor([ex.ids])).logits[0]
         loss = F.cross_entropy(logits[:-1], torch.tensor(ex.labels[1:]), ignore_index=IGNORE)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
+    fresh.cancel()
     assert job.losses == pytest.approx(losses, rel=2e-3)
 
 

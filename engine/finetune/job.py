@@ -51,6 +51,7 @@ class FinetuneJob:
     def __init__(self, spec: JobSpec, engine: "LLMEngine", sequences: list[Example], output: Path,
                  init_dir: Path | None, resume_dir: Path | None):
         self.spec, self.engine, self.sequences, self.output = spec, engine, sequences, output
+        self.num_sequences = len(sequences)
         t = spec.training
         self.init_dir, self.resume_dir = init_dir, resume_dir
         per_epoch = math.ceil(len(sequences) / t.sequences_per_step)
@@ -117,7 +118,9 @@ class FinetuneJob:
             self.slot = None
 
     def _finish(self, state: JobState, error: str | None = None) -> None:
+        """Release the slot and blocks, and the tokenised data: a finished job keeps only its record."""
         self._release()
+        self.sequences = []
         self.state, self.error, self.finished = state, error, time.time()
 
     def cancel(self) -> None:
@@ -134,7 +137,7 @@ class FinetuneJob:
     # ---- data ---------------------------------------------------------------------------------------
     def _sequence_indices(self, step: int) -> list[int]:
         """The dataset rows of an optimizer step: a pure function of (seed, step), so resume sees the same."""
-        t, n = self.spec.training, len(self.sequences)
+        t, n = self.spec.training, self.num_sequences
         per_epoch = math.ceil(n / t.sequences_per_step)
         epoch, within = divmod(step, per_epoch)
         order = epoch_order(n, epoch, t.seed, t.shuffle)
@@ -142,7 +145,7 @@ class FinetuneJob:
 
     @property
     def epoch(self) -> int:
-        per_epoch = math.ceil(len(self.sequences) / self.spec.training.sequences_per_step)
+        per_epoch = math.ceil(self.num_sequences / self.spec.training.sequences_per_step)
         return min(self.step, self.total_steps - 1) // per_epoch if self.total_steps else 0
 
     # ---- work for the scheduler ---------------------------------------------------------------------

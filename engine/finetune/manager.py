@@ -102,6 +102,9 @@ class FinetuneManager:
         return jobs[k:] + jobs[:k]
 
     def has_work(self) -> bool:
+        """Start queued jobs that now fit (a slot may have been freed since); true while any job trains."""
+        if any(j.state is JobState.QUEUED for j in self.jobs.values()):
+            self._activate()
         return any(j.active for j in self.jobs.values())
 
     def slots_free(self) -> int:
