@@ -2,7 +2,7 @@
 ServiceAccount with the chart's RBAC, two real engines on loopback and a bring-your-own-engines pool."""
 from __future__ import annotations
 
-import base64
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +11,8 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-import yaml
 
-from harness import NS, ROOT, ControlPlane, render_chart_rbac
+from harness import NS, ROOT, ControlPlane, chart_rbac, host_ip, kubectl
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -36,49 +35,32 @@ def api(cluster):
     return kubernetes.config.new_client_from_config(config_file=kubeconfig)
 
 
-def apply_all(api, docs: list[dict], namespace: str | None = None) -> None:
-    for doc in docs:
-        try:
-            kubernetes.utils.create_from_dict(api, doc, namespace=namespace)
-        except kubernetes.utils.FailToCreateError as exc:
-            if not all(e.status == 409 for e in exc.api_exceptions):
-                raise
+@pytest.fixture(scope="session")
+def crds(cluster):
+    kubeconfig, _ = cluster
+    kubectl(kubeconfig, "apply", "--server-side", "-f", "crds/")
+    kubectl(kubeconfig, "wait", "--for", "condition=Established", "--timeout", "60s",
+            "crd/coservingpools.coserve.dev", "crd/inferenceendpoints.coserve.dev", "crd/finetunejobs.coserve.dev")
 
 
 @pytest.fixture(scope="session")
-def crds(api):
-    for path in sorted((ROOT / "crds").glob("*.yaml")):
-        apply_all(api, [d for d in yaml.safe_load_all(path.read_text()) if d])
-    ext = kubernetes.client.ApiextensionsV1Api(api)
-    for _ in range(60):
-        names = {c.metadata.name for c in ext.list_custom_resource_definition().items
-                 if any(cond.type == "Established" and cond.status == "True" for cond in c.status.conditions or [])}
-        if {"coservingpools.coserve.dev", "inferenceendpoints.coserve.dev", "finetunejobs.coserve.dev"} <= names:
-            return
-        time.sleep(0.5)
-    raise RuntimeError("CRDs not established")
-
-
-@pytest.fixture(scope="session")
-def namespaces(api):
-    core = kubernetes.client.CoreV1Api(api)
+def namespaces(cluster, api):
+    kubeconfig, _ = cluster
     for ns in (NS, OP_NS):
-        apply_all(api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}])
-    return core
+        kubectl(kubeconfig, "create", "namespace", ns, check=False)
+    return kubernetes.client.CoreV1Api(api)
 
 
 @pytest.fixture(scope="session")
-def operator_kubeconfig(cluster, api, namespaces, tmp_path_factory):
+def operator_kubeconfig(cluster, namespaces, tmp_path_factory):
     """A kubeconfig holding a token of the operator's ServiceAccount, bound by the chart's RBAC only."""
-    _, plane = cluster
-    apply_all(api, render_chart_rbac("coserve", OP_NS), namespace=OP_NS)
-    req = kubernetes.client.AuthenticationV1TokenRequest(spec=kubernetes.client.V1TokenRequestSpec(
-        audiences=["https://kubernetes.default.svc"], expiration_seconds=7200))
-    token = namespaces.create_namespaced_service_account_token("coserve-operator", OP_NS, req).status.token
-    path = tmp_path_factory.mktemp("op") / "operator.kubeconfig"
+    kubeconfig, plane = cluster
     if plane is None:
         raise pytest.skip.Exception("a given KUBECONFIG cluster runs the operator from the chart")
-    return plane.token_kubeconfig(path, token)
+    kubectl(kubeconfig, "apply", "-f", "-", stdin=chart_rbac("coserve", OP_NS))
+    token = kubectl(kubeconfig, "create", "token", "coserve-operator", "-n", OP_NS, "--duration", "2h",
+                    "--audience", "https://kubernetes.default.svc").stdout.strip()
+    return plane.token_kubeconfig(tmp_path_factory.mktemp("op") / "operator.kubeconfig", token)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +82,8 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engines(model_dirs, data_root):
     from server_proc import EngineProcess
-    procs = [EngineProcess(model_dirs["llama"], data_root, TOKEN, "--num-kv-blocks", "128") for _ in range(2)]
+    procs = [EngineProcess(model_dirs["llama"], data_root, TOKEN, "--num-kv-blocks", "128", host=host_ip())
+             for _ in range(2)]
     yield procs
     for p in procs:
         p.stop()
@@ -109,9 +92,9 @@ def engines(model_dirs, data_root):
 class OperatorProcess:
     """`coserve operator` as its own process, authenticated as the operator's ServiceAccount."""
 
-    def __init__(self, kubeconfig: Path, log: Path):
+    def __init__(self, kubeconfig: Path, log: Path, **env: str):
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "COSERVE_POLL_SECONDS": "1",
-                    "COSERVE_HEALTH_PORT": "0", "COSERVE_ENGINE_TIMEOUT_SECONDS": "3"}
+                    "COSERVE_HEALTH_PORT": "0", "COSERVE_ENGINE_TIMEOUT_SECONDS": "3", **env}
         self.log = log
         self.proc: subprocess.Popen | None = None
 
@@ -136,13 +119,11 @@ def operator(operator_kubeconfig, crds, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pool(api, namespaces, crds, engines, operator):
-    namespaces.create_namespaced_secret(NS, kubernetes.client.V1Secret(
-        metadata=kubernetes.client.V1ObjectMeta(name="engine-token"),
-        data={"token": base64.b64encode(TOKEN.encode()).decode()}))
+def pool(cluster, namespaces, crds, engines, operator):
+    kubeconfig, _ = cluster
+    kubectl(kubeconfig, "create", "secret", "generic", "engine-token", "-n", NS, f"--from-literal=token={TOKEN}")
     body = {"apiVersion": "coserve.dev/v1alpha1", "kind": "CoServingPool", "metadata": {"name": "pool"},
             "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": "engine-token"},
                      "engines": [{"name": f"e{i}", "url": p.url} for i, p in enumerate(engines)]}}
-    kubernetes.client.CustomObjectsApi(api).create_namespaced_custom_object("coserve.dev", "v1alpha1", NS,
-                                                                            "coservingpools", body)
+    kubectl(kubeconfig, "apply", "-n", NS, "-f", "-", stdin=json.dumps(body))
     return "pool"

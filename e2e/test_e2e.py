@@ -3,7 +3,8 @@ bad manifests refused by the API server; the operator works with the chart's RBA
 from __future__ import annotations
 
 import copy
-import ssl
+import json
+import re
 import time
 
 import httpx
@@ -11,70 +12,81 @@ import kubernetes
 import openai
 import pytest
 
-from harness import GROUP, NS, VERSION, custom, ready, wait_for
-
-
-
-
-
-
-
+from harness import GROUP, NS, VERSION, custom, kubectl, ready, wait_for
 
 
 def create(api, plural: str, body: dict) -> None:
     custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, plural, body)
 
 
-def table(api, plural: str) -> dict:
-    """What `kubectl get` shows: the server-side table with the printer columns."""
-    cfg = api.configuration
-    r = httpx.get(f"{cfg.host}/apis/{GROUP}/{VERSION}/namespaces/{NS}/{plural}",
-                  verify=ssl.create_default_context(cafile=cfg.ssl_ca_cert),
-                  headers={"Authorization": cfg.api_key["BearerToken"],
-                           "Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
-    return r.json()
+def apply(kubeconfig: str, body: dict) -> None:
+    kubectl(kubeconfig, "apply", "-n", NS, "-f", "-", stdin=json.dumps(body))
 
 
-def test_endpoint_becomes_ready_and_its_url_serves(api, pool):
-    create(api, "inferenceendpoints", {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint",
-                                       "metadata": {"name": "chat"},
-                                       "spec": {"pool": pool, "replicas": 2, "adapter": {"path": "adapters/qv"}}})
+def kubectl_get(kubeconfig: str, plural: str) -> list[dict[str, str]]:
+    """`kubectl get` as a user reads it: one dict per row, keyed by the column headers."""
+    lines = kubectl(kubeconfig, "get", plural, "-n", NS).stdout.splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    return [dict(zip(header, re.split(r"\s{2,}", line.strip()))) for line in lines[1:]]
+
+
+def slice_backends(api, service: str) -> list[tuple[str, bool]]:
+    """What kube-proxy would route the Service to: (base URL, ready) of each endpoint of its EndpointSlices."""
+    slices = kubernetes.client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+        NS, label_selector=f"kubernetes.io/service-name={service}").items
+    return sorted((f"http://{e.addresses[0]}:{s.ports[0].port}", bool(e.conditions.ready))
+                  for s in slices for e in s.endpoints)
+
+
+def test_endpoint_becomes_ready_behind_its_service(api, cluster, engines, pool):
+    kubeconfig, _ = cluster
+    apply(kubeconfig, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "chat"},
+                       "spec": {"pool": pool, "replicas": 2, "adapter": {"path": "adapters/qv"}}})
     obj = wait_for(api, "inferenceendpoints", "chat", ready)
     status = obj["status"]
     assert status["readyReplicas"] == 2 and status["observedGeneration"] == obj["metadata"]["generation"]
-    client = openai.OpenAI(base_url=status["url"], api_key="x", max_retries=0)
-    out = client.completions.create(model="chat", prompt="Hello", max_tokens=4, temperature=0)
-    assert out.usage.completion_tokens > 0
-    t = table(api, "inferenceendpoints")
-    columns = [c["name"] for c in t["columnDefinitions"]]
-    row = dict(zip(columns, t["rows"][0]["cells"]))
-    assert row["Pool"] == pool and row["Ready"] == "2/2" and row["URL"] == status["url"] and row["Status"] == "True"
+    assert status["url"] == f"http://chat.{NS}.svc.cluster.local/v1"
+    service = kubernetes.client.CoreV1Api(api).read_namespaced_service("chat", NS)
+    assert [o.uid for o in service.metadata.owner_references] == [obj["metadata"]["uid"]]
+    backends = slice_backends(api, "chat")
+    assert backends == sorted((e.url, True) for e in engines)
+    for base, _ in backends:   # each address the Service routes to serves the endpoint's adapter
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        out = client.completions.create(model="chat", prompt="Hello", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens > 0
+    row = next(r for r in kubectl_get(kubeconfig, "inferenceendpoints") if r["NAME"] == "chat")
+    assert row["POOL"] == pool and row["READY"] == "2/2" and row["URL"] == status["url"] and row["STATUS"] == "True"
 
 
-def test_finetune_job_succeeds_and_a_following_endpoint_serves_it(api, pool):
-    create(api, "finetunejobs", {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneJob",
-                                 "metadata": {"name": "teach"},
-                                 "spec": {"pool": pool, "dataset": {"path": "task.jsonl", "format": "prompt_completion"},
-                                          "lora": {"r": 8, "alpha": 16,
-                                                   "targetModules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
-                                          "training": {"lr": 0.01, "epochs": 12, "seed": 3, "chunkTokens": 8},
-                                          "checkpointEvery": 8}})
-    create(api, "inferenceendpoints", {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint",
-                                       "metadata": {"name": "taught"},
-                                       "spec": {"pool": pool, "adapter": {"fromFinetuneJob": {"name": "teach"}}}})
-    running = wait_for(api, "finetunejobs", "teach", lambda s: s.get("phase") in ("Running", "Succeeded"))
+def test_finetune_job_succeeds_and_a_following_endpoint_serves_it(api, cluster, pool):
+    kubeconfig, _ = cluster
+    apply(kubeconfig, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneJob", "metadata": {"name": "teach"},
+                       "spec": {"pool": pool, "dataset": {"path": "task.jsonl", "format": "prompt_completion"},
+                                "lora": {"r": 8, "alpha": 16,
+                                         "targetModules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+                                "training": {"lr": 0.01, "epochs": 12, "seed": 3, "chunkTokens": 8},
+                                "checkpointEvery": 8}})
+    apply(kubeconfig, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "taught"},
+                       "spec": {"pool": pool, "replicas": 1, "adapter": {"fromFinetuneJob": {"name": "teach"}}}})
+    running = wait_for(api, "finetunejobs", "teach", lambda s: 0 < s.get("progress", {}).get("currentStep", 0) < 48)
     assert running["status"]["placement"]["engine"] in ("e0", "e1")
+    row = next(r for r in kubectl_get(kubeconfig, "finetunejobs") if r["NAME"] == "teach")
+    assert row["PHASE"] in ("Running", "Succeeded") and re.fullmatch(r"\d+/48", row["STEP"])
     done = wait_for(api, "finetunejobs", "teach", lambda s: s.get("phase") == "Succeeded", timeout=300)
     st = done["status"]
-    assert st["stepText"] == "48/48" and [c["step"] for c in st["checkpoints"]] == [8, 16, 24, 32, 40, 48]
-    assert st["progress"]["percentage"] == 100
+    assert st["stepText"] == "48/48" and st["progress"]["percentage"] == 100
+    steps = kubectl(kubeconfig, "get", "finetunejob", "teach", "-n", NS, "-o",
+                    "jsonpath={.status.checkpoints[*].step}").stdout.split()
+    assert steps == ["8", "16", "24", "32", "40", "48"]
     ep = wait_for(api, "inferenceendpoints", "taught",
                   lambda s: ready(s) and s.get("adapterPath", "").endswith("checkpoint-48"))
-    client = openai.OpenAI(base_url=ep["status"]["url"], api_key="x", max_retries=0)
+    [(base, _)] = slice_backends(api, "taught")
+    client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
     out = client.completions.create(model="taught", prompt="Monday, Tuesday,", max_tokens=6, temperature=0)
     assert out.choices[0].text == " Wednesday"
-    row = table(api, "finetunejobs")["rows"][0]["cells"]
-    assert "Succeeded" in row and 100 in row
+    row = next(r for r in kubectl_get(kubeconfig, "finetunejobs") if r["NAME"] == "teach")
+    assert row["PHASE"] == "Succeeded" and row["PROGRESS"] == "100" and row["LATEST"] == st["latestCheckpoint"]
+    assert ep["status"]["adapterPath"] == st["latestCheckpoint"]
 
 
 BAD = [

@@ -4,37 +4,27 @@ mid-job and an operator restart lose no more than one checkpoint interval and du
 from __future__ import annotations
 
 import copy
+import json
 import time
-
 
 import httpx
 import kubernetes
 import pytest
 import yaml
 
-from harness import GROUP, NS, ROOT, VERSION, custom, get, ready, wait_for
+from harness import GROUP, NS, ROOT, VERSION, custom, get, kubectl, ready, wait_for
 
 PLURALS = {"CoServingPool": "coservingpools", "InferenceEndpoint": "inferenceendpoints",
            "FinetuneJob": "finetunejobs"}
 
 
+def owners(obj) -> list[str]:
+    return [o.uid for o in obj.metadata.owner_references]
 
 
-def server_side_apply(api, body: dict) -> dict:
-    return custom(api).patch_namespaced_custom_object(
-        GROUP, VERSION, NS, PLURALS[body["kind"]], body["metadata"]["name"], body, field_manager="gitops",
-        force=True, _content_type="application/apply-patch+yaml")
-
-
-
-
-
-
-
-
-def test_examples_apply_and_a_managed_pool_gets_its_owned_objects(api, operator):
-    for path in sorted((ROOT / "examples").glob("*.yaml")):
-        server_side_apply(api, yaml.safe_load(path.read_text()))
+def test_examples_apply_and_their_objects_are_made_and_owned(api, cluster, operator):
+    kubeconfig, _ = cluster
+    kubectl(kubeconfig, "apply", "-n", NS, "-f", "examples/")
     apps, core = kubernetes.client.AppsV1Api(api), kubernetes.client.CoreV1Api(api)
     deadline = time.monotonic() + 60
     while True:
@@ -42,6 +32,7 @@ def test_examples_apply_and_a_managed_pool_gets_its_owned_objects(api, operator)
             sts = apps.read_namespaced_stateful_set("llama-pool", NS)
             svc = core.read_namespaced_service("llama-pool", NS)
             secret = core.read_namespaced_secret("llama-pool-admin-token", NS)
+            endpoint_svc = core.read_namespaced_service("llama-base", NS)
             break
         except kubernetes.client.ApiException:
             if time.monotonic() > deadline:
@@ -49,32 +40,42 @@ def test_examples_apply_and_a_managed_pool_gets_its_owned_objects(api, operator)
             time.sleep(0.5)
     pool_uid = get(api, "coservingpools", "llama-pool")["metadata"]["uid"]
     for obj in (sts, svc, secret):
-        assert [o.uid for o in obj.metadata.owner_references] == [pool_uid]
+        assert owners(obj) == [pool_uid]
     assert sts.spec.replicas == 2 and svc.spec.cluster_ip == "None" and "token" in secret.data
+    assert owners(endpoint_svc) == [get(api, "inferenceendpoints", "llama-base")["metadata"]["uid"]]
+    assert endpoint_svc.spec.selector is None   # its EndpointSlices list the pods holding the adapter
     job = wait_for(api, "finetunejobs", "support-bot", lambda s: s.get("phase"))
     assert job["status"]["phase"] == "Pending"   # the pool's pods never start here: no kubelet
-    for kind, plural in PLURALS.items():
-        for path in sorted((ROOT / "examples").glob("*.yaml")):
-            body = yaml.safe_load(path.read_text())
-            if body["kind"] == kind:
-                custom(api).delete_namespaced_custom_object(GROUP, VERSION, NS, plural, body["metadata"]["name"])
+    listed = kubectl(kubeconfig, "get", "coserve", "-n", NS, "-o", "name").stdout.split()
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        body = yaml.safe_load(path.read_text())
+        assert f"{body['kind'].lower()}.{GROUP}/{body['metadata']['name']}" in listed
+    kubectl(kubeconfig, "delete", "-n", NS, "-f", "examples/", "--timeout", "60s")
 
 
-def test_gitops_reapply_changes_nothing_and_a_spec_change_is_reconciled(api, pool):
+def test_gitops_reapply_changes_nothing_and_a_spec_change_is_reconciled(api, cluster, pool, tmp_path):
+    kubeconfig, _ = cluster
+    manifest = tmp_path / "gitops.yaml"
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "gitops"},
             "spec": {"pool": pool, "replicas": 2, "adapter": {"path": "adapters/qv"}}}
-    server_side_apply(api, body)
+    manifest.write_text(json.dumps(body))
+    kubectl(kubeconfig, "apply", "--server-side", "-n", NS, "-f", str(manifest))
     first = wait_for(api, "inferenceendpoints", "gitops", lambda s: ready(s) and s.get("readyReplicas") == 2)
     time.sleep(3)
     settled = get(api, "inferenceendpoints", "gitops")
-    server_side_apply(api, copy.deepcopy(body))
+    kubectl(kubeconfig, "apply", "--server-side", "-n", NS, "-f", str(manifest))
     time.sleep(3)   # three operator polls
     again = get(api, "inferenceendpoints", "gitops")
     assert again["metadata"]["generation"] == first["metadata"]["generation"]
     assert again["metadata"]["resourceVersion"] == settled["metadata"]["resourceVersion"], "status churned"
     assert again["status"]["placements"] == first["status"]["placements"]
+    diff = kubectl(kubeconfig, "diff", "--server-side", "-n", NS, "-f", str(manifest), check=False)
+    assert diff.returncode == 0 and diff.stdout == "", diff.stdout + diff.stderr
     body["spec"]["replicas"] = 1
-    server_side_apply(api, body)
+    manifest.write_text(json.dumps(body))
+    diff = kubectl(kubeconfig, "diff", "--server-side", "-n", NS, "-f", str(manifest), check=False)
+    assert diff.returncode == 1 and "replicas: 1" in diff.stdout
+    kubectl(kubeconfig, "apply", "--server-side", "-n", NS, "-f", str(manifest))
     scaled = wait_for(api, "inferenceendpoints", "gitops", lambda s: s.get("readyReplicas") == 1
                       and s.get("observedGeneration") == first["metadata"]["generation"] + 1)
     assert len(scaled["status"]["placements"]) == 1

@@ -3,16 +3,16 @@ fields that change; failures become conditions and Events; engines that do not a
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import kopf
 
 from coserve.operator import kube
 from coserve.operator.conditions import set_condition, status_diff
-from coserve.operator.pool import (engine_urls, headless_service, pool_view, statefulset, token_secret,
-                                   token_secret_ref)
+from coserve.operator.pool import (engine_urls, headless_service, pool_labels, pool_view, statefulset,
+                                   token_secret, token_secret_ref)
 from coserve.operator.reconcile import (Event, PoolView, reconcile_endpoint, reconcile_job, release_endpoint,
                                         release_job)
+from coserve.operator.routing import endpoint_labels, endpoint_service, endpoint_slices, routable_ip, service_url
 from coserve.operator.settings import OperatorSettings
 
 GROUP, VERSION = kube.GROUP, kube.VERSION
@@ -65,18 +65,6 @@ def pool_missing(body: dict, patch: kopf.Patch, why: str) -> None:
         status.setdefault("phase", "Pending")
     write_status(patch, body, {**status, "conditions": conditions, "observedGeneration": gen})
     post(body, [("Warning", "PoolNotReady", why)])
-
-
-async def with_pool(body: kopf.Body, patch: kopf.Patch, namespace: str,
-                    reconcile: Callable[[PoolView], Awaitable[tuple[dict, list[Event]]]]) -> None:
-    """Run a reconciler against the object's pool, or mark the object when the pool is not usable."""
-    _, view, why = await load_pool(namespace, body["spec"]["pool"])
-    if view is None:
-        pool_missing(body, patch, why)
-        return
-    desired, events = await reconcile(view)
-    write_status(patch, body, desired)
-    post(body, events)
 
 
 # ---- CoServingPool ------------------------------------------------------------------------------------------
@@ -143,7 +131,31 @@ async def endpoint(body: kopf.Body, patch: kopf.Patch, namespace: str, **_) -> N
     if ref:
         job = await kube.get_custom(namespace, "finetunejobs", ref["name"])
         job_status = (job or {}).get("status") or ({} if job else None)
-    await with_pool(body, patch, namespace, lambda view: reconcile_endpoint(dict(body), view, job_status))
+    pool, view, why = await load_pool(namespace, body["spec"]["pool"])
+    if view is None:
+        pool_missing(body, patch, why)
+        return
+    desired, events = await reconcile_endpoint(dict(body), view, job_status)
+    desired["url"] = await route(body, pool, desired.get("placements") or []) or desired["url"]
+    write_status(patch, body, desired)
+    post(body, events)
+
+
+async def route(body: kopf.Body, pool: dict, placements: list[dict]) -> str | None:
+    """Keep the endpoint's Service and EndpointSlices equal to the engines holding its adapter; its URL, or
+    None when no engine of the pool can sit behind a Service (loopback or named bring-your-own engines)."""
+    namespace = body["metadata"]["namespace"]
+    managed = not pool["spec"].get("engines")
+    if managed:
+        addresses = await kube.pod_ips(namespace, pool_labels(pool))
+    else:
+        addresses = {e: ip for e, url in engine_urls(pool, SETTINGS).items() if (ip := routable_ip(url))}
+        if not addresses:
+            return None
+    manifests = [endpoint_service(body), *endpoint_slices(body, addresses, placements, pods=managed)]
+    kopf.adopt(manifests, owner=body)
+    await kube.apply(namespace, manifests, prune_slices=endpoint_labels(body))
+    return service_url(namespace, body["metadata"]["name"], SETTINGS.cluster_domain)
 
 
 @kopf.on.delete(GROUP, VERSION, "inferenceendpoints")
@@ -160,7 +172,13 @@ async def endpoint_deleted(body: kopf.Body, namespace: str, **_) -> None:
 @kopf.on.resume(GROUP, VERSION, "finetunejobs")
 @kopf.timer(GROUP, VERSION, "finetunejobs", interval=SETTINGS.poll_seconds)
 async def finetune_job(body: kopf.Body, patch: kopf.Patch, namespace: str, **_) -> None:
-    await with_pool(body, patch, namespace, lambda view: reconcile_job(dict(body), view))
+    _, view, why = await load_pool(namespace, body["spec"]["pool"])
+    if view is None:
+        pool_missing(body, patch, why)
+        return
+    desired, events = await reconcile_job(dict(body), view)
+    write_status(patch, body, desired)
+    post(body, events)
 
 
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")

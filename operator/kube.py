@@ -8,6 +8,7 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 
 GROUP, VERSION = "coserve.dev", "v1alpha1"
+FIELD_MANAGER = "coserve-operator"
 
 
 def load_config() -> None:
@@ -66,4 +67,36 @@ async def ensure(namespace: str, manifest: dict, replace_spec: bool) -> None:
                 apps.patch_namespaced_stateful_set(manifest["metadata"]["name"], namespace,
                                                   {"spec": {"replicas": manifest["spec"]["replicas"],
                                                             "template": manifest["spec"]["template"]}})
+    await asyncio.to_thread(call)
+
+
+def label_selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+async def pod_ips(namespace: str, selector: dict[str, str]) -> dict[str, str]:
+    """Pod name -> IP of the pods with these labels that have one."""
+    def call() -> dict[str, str]:
+        pods = kubernetes.client.CoreV1Api().list_namespaced_pod(
+            namespace, label_selector=label_selector(selector))
+        return {p.metadata.name: p.status.pod_ip for p in pods.items if p.status and p.status.pod_ip}
+    return await asyncio.to_thread(call)
+
+
+async def apply(namespace: str, manifests: list[dict], prune_slices: dict[str, str]) -> None:
+    """Server-side apply of Services and EndpointSlices (a no-op when nothing changed), then delete the
+    EndpointSlices carrying the `prune_slices` labels that are no longer among them."""
+    def call() -> None:
+        core, discovery = kubernetes.client.CoreV1Api(), kubernetes.client.DiscoveryV1Api()
+        patch = {"Service": core.patch_namespaced_service,
+                 "EndpointSlice": discovery.patch_namespaced_endpoint_slice}
+        for m in manifests:
+            patch[m["kind"]](m["metadata"]["name"], namespace, m, field_manager=FIELD_MANAGER, force=True,
+                             _content_type="application/apply-patch+yaml")
+        keep = {m["metadata"]["name"] for m in manifests if m["kind"] == "EndpointSlice"}
+        existing = discovery.list_namespaced_endpoint_slice(
+            namespace, label_selector=label_selector(prune_slices))
+        for s in existing.items:
+            if s.metadata.name not in keep:
+                discovery.delete_namespaced_endpoint_slice(s.metadata.name, namespace)
     await asyncio.to_thread(call)

@@ -37,18 +37,18 @@ def token_secret(pool: dict) -> dict:
     name, key = token_secret_ref(pool)
     value = base64.b64encode(secrets.token_urlsafe(32).encode()).decode()
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": name, "labels": labels(pool)}, "data": {key: value}}
+            "metadata": {"name": name, "labels": pool_labels(pool)}, "data": {key: value}}
 
 
-def labels(pool: dict) -> dict[str, str]:
+def pool_labels(pool: dict) -> dict[str, str]:
     return {"app.kubernetes.io/name": "coserve-engine", "app.kubernetes.io/managed-by": "coserve-operator",
             "coserve.dev/pool": pool["metadata"]["name"]}
 
 
 def headless_service(pool: dict, settings: OperatorSettings) -> dict:
     name = pool["metadata"]["name"]
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels(pool)},
-            "spec": {"clusterIP": "None", "selector": labels(pool), "publishNotReadyAddresses": True,
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": pool_labels(pool)},
+            "spec": {"clusterIP": "None", "selector": pool_labels(pool), "publishNotReadyAddresses": True,
                      "ports": [{"name": ENGINE_PORT_NAME, "port": settings.engine_port}]}}
 
 
@@ -86,7 +86,7 @@ def statefulset(pool: dict, settings: OperatorSettings) -> dict:
         pod_spec["nodeSelector"] = t["nodeSelector"]
     if t.get("tolerations"):
         pod_spec["tolerations"] = t["tolerations"]
-    return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "labels": labels(pool)},
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "labels": pool_labels(pool)},
             "spec": {"serviceName": name, "replicas": t.get("replicas", 1), "podManagementPolicy": "Parallel",
-                     "selector": {"matchLabels": labels(pool)},
-                     "template": {"metadata": {"labels": labels(pool)}, "spec": pod_spec}}}
+                     "selector": {"matchLabels": pool_labels(pool)},
+                     "template": {"metadata": {"labels": pool_labels(pool)}, "spec": pod_spec}}}

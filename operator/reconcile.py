@@ -7,7 +7,7 @@ import asyncio
 import datetime
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from coserve.operator.conditions import now_iso, set_condition
 from coserve.operator.engine_client import EngineClient, EngineRejected, EngineUnavailable
@@ -25,7 +25,6 @@ class PoolView:
     name: str
     engines: dict[str, str]
     client: EngineClient
-    service_urls: dict[str, str] = field(default_factory=dict)   # endpoint name -> URL, managed pools only
 
     def lock(self) -> asyncio.Lock:
         """Serialises placement decisions on one pool, so concurrent handlers cannot over-commit an engine."""
@@ -117,7 +116,7 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
     placements.sort(key=lambda p: p["engine"])   # a stable order, so an unchanged state writes nothing
     ready = sum(p["state"] == "Loaded" for p in placements)
     loaded = [p for p in placements if p["state"] == "Loaded"]
-    url = pool.service_urls.get(meta["name"]) or (loaded[0]["url"] + "/v1" if loaded else "")
+    url = loaded[0]["url"] + "/v1" if loaded else ""   # the handler puts the endpoint's Service URL here
     conditions = set_condition(conditions, "Placed", len(placements) >= replicas,
                                "Placed" if len(placements) >= replicas else "NoCapacity",
                                f"{len(placements)}/{replicas} replicas placed", generation)

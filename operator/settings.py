@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
+
+
+def _priority() -> int:
+    """kopf freezes peers of equal priority, and a Deployment's replicas share their environment: unless set,
+    each process draws its own, so the highest serves and the others stand by."""
+    return int(os.environ.get("COSERVE_PRIORITY") or secrets.randbelow(2**31 - 2) + 1)
 
 
 def _env_list(name: str) -> list[str]:
@@ -16,6 +23,6 @@ class OperatorSettings:
     engine_timeout_seconds: float = float(os.environ.get("COSERVE_ENGINE_TIMEOUT_SECONDS", "5"))
     engine_port: int = int(os.environ.get("COSERVE_ENGINE_PORT", "8000"))
     peering: str | None = os.environ.get("COSERVE_PEERING") or None
-    priority: int = int(os.environ.get("COSERVE_PRIORITY", "0"))
+    priority: int = field(default_factory=_priority)
     health_port: int = int(os.environ.get("COSERVE_HEALTH_PORT", "8080"))
     cluster_domain: str = os.environ.get("COSERVE_CLUSTER_DOMAIN", "cluster.local")

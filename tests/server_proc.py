@@ -18,12 +18,12 @@ def free_port() -> int:
 
 
 class EngineProcess:
-    def __init__(self, model_dir: Path, data_root: Path, token: str | None, *extra: str):
+    def __init__(self, model_dir: Path, data_root: Path, token: str | None, *extra: str, host: str = "127.0.0.1"):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.log = data_root / f"engine-{self.port}.log"
         args = [sys.executable, "-m", "coserve.engine.cli", "serve", "--model", str(model_dir),
-                "--data-root", str(data_root), "--port", str(self.port), "--device", "cpu",
+                "--data-root", str(data_root), "--host", host, "--port", str(self.port), "--device", "cpu",
                 "--served-model-name", "tiny", "--log-level", "warning", *extra]
         if token:
             token_file = data_root / "admin-token"
