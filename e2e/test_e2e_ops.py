@@ -12,7 +12,8 @@ import kubernetes
 import pytest
 import yaml
 
-from harness import GROUP, NS, ROOT, VERSION, custom, get, kubectl, ready, wait_for
+from argocd_health import argocd_health
+from harness import GROUP, NS, ROOT, VERSION, byo_pool, custom, get, kubectl, ready, wait_for
 
 PLURALS = {"CoServingPool": "coservingpools", "InferenceEndpoint": "inferenceendpoints",
            "FinetuneJob": "finetunejobs"}
@@ -124,23 +125,15 @@ def test_api_server_refuses_bad_manifests(api, crds, namespaces, kind, change, m
     assert err.value.status == 422 and message in err.value.body, err.value.body
 
 
-def test_engine_death_and_operator_restart_mid_job(api, namespaces, crds, operator, model_dirs, data_root):
+def test_engine_death_and_operator_restart_mid_job(api, cluster, namespaces, crds, operator, model_dirs, data_root):
     """A dedicated pool of two engines: kill the one training, restart the operator; the job resumes from
     its last checkpoint on the other engine and finishes, with one engine job per placement."""
-    import base64
-
     from server_proc import EngineProcess
 
     token = "fault-token"
     procs = [EngineProcess(model_dirs["llama"], data_root, token, "--num-kv-blocks", "128") for _ in range(2)]
     try:
-        namespaces.create_namespaced_secret(NS, kubernetes.client.V1Secret(
-            metadata=kubernetes.client.V1ObjectMeta(name="fault-token"),
-            data={"token": base64.b64encode(token.encode()).decode()}))
-        custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "coservingpools", {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "CoServingPool", "metadata": {"name": "faulty"},
-            "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": "fault-token"},
-                     "engines": [{"name": f"f{i}", "url": p.url} for i, p in enumerate(procs)]}})
+        byo_pool(cluster[0], NS, "faulty", token, {f"f{i}": p.url for i, p in enumerate(procs)})
         custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "finetunejobs", {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneJob", "metadata": {"name": "survivor"},
             "spec": {"pool": "faulty", "dataset": {"path": "task.jsonl", "format": "prompt_completion"},
@@ -169,7 +162,7 @@ def test_engine_death_and_operator_restart_mid_job(api, namespaces, crds, operat
 def test_deleting_a_pool_marks_its_work_and_deleting_a_job_cancels_it(api, pool, engines):
     custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "coservingpools", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "CoServingPool", "metadata": {"name": "short-lived"},
-        "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": "engine-token"},
+        "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": "pool-token"},
                  "engines": [{"name": "e0", "url": engines[0].url}]}})
     custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "inferenceendpoints", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "orphan"},
@@ -179,6 +172,7 @@ def test_deleting_a_pool_marks_its_work_and_deleting_a_job_cancels_it(api, pool,
     obj = wait_for(api, "inferenceendpoints", "orphan", lambda s: any(
         c["type"] == "Ready" and c["reason"] == "PoolNotReady" for c in s.get("conditions", [])))
     assert "does not exist" in next(c["message"] for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    assert argocd_health("InferenceEndpoint", obj)["status"] == "Degraded"
 
     custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "finetunejobs", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneJob", "metadata": {"name": "doomed"},

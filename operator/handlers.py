@@ -104,7 +104,8 @@ async def pool_status(body: kopf.Body, patch: kopf.Patch, namespace: str, name: 
     total = len(engine_urls(body, SETTINGS))
     endpoints = [e for e in await kube.list_custom(namespace, "inferenceendpoints") if e["spec"]["pool"] == name]
     jobs = [j for j in await kube.list_custom(namespace, "finetunejobs") if j["spec"]["pool"] == name]
-    conditions = set_condition(conditions, "Ready", ready > 0, "EnginesReady" if ready else "NoEngineReady",
+    reason = "EnginesReady" if ready else ("AdminTokenMissing" if view is None else "NoEngineReady")
+    conditions = set_condition(conditions, "Ready", ready > 0, reason,
                                why or f"{ready}/{total} engines answer", gen)
     write_status(patch, body, {"observedGeneration": gen, "engines": engines, "readyEngines": f"{ready}/{total}",
                                "endpoints": len(endpoints), "jobs": len(jobs), "conditions": conditions})
@@ -159,10 +160,18 @@ async def route(body: kopf.Body, pool: dict, placements: list[dict]) -> str | No
 
 
 @kopf.on.delete(GROUP, VERSION, "inferenceendpoints")
-async def endpoint_deleted(body: kopf.Body, namespace: str, **_) -> None:
+async def endpoint_deleted(body: kopf.Body, namespace: str, retry: int, **_) -> None:
     _, view, _why = await load_pool(namespace, body["spec"]["pool"])
     if view is not None:
-        post(body, await release_endpoint(dict(body), view))
+        release(body, retry, *await release_endpoint(dict(body), view))
+
+
+def release(body: kopf.Body, retry: int, events: list[Event], unreached: list[str]) -> None:
+    """Engines that did not answer a release are retried with backoff a few times; then the object goes anyway
+    (deletion never hangs) with a Warning saying what may be left behind."""
+    if unreached and retry < SETTINGS.release_retries:
+        raise kopf.TemporaryError(f"engines {', '.join(unreached)} did not answer", delay=SETTINGS.retry_seconds)
+    post(body, events)
 
 
 # ---- FinetuneJob --------------------------------------------------------------------------------------------
@@ -182,7 +191,7 @@ async def finetune_job(body: kopf.Body, patch: kopf.Patch, namespace: str, **_) 
 
 
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")
-async def finetune_job_deleted(body: kopf.Body, namespace: str, **_) -> None:
+async def finetune_job_deleted(body: kopf.Body, namespace: str, retry: int, **_) -> None:
     _, view, _why = await load_pool(namespace, body["spec"]["pool"])
     if view is not None:
-        post(body, await release_job(dict(body), view))
+        release(body, retry, *await release_job(dict(body), view))

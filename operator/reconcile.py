@@ -173,22 +173,31 @@ async def _ensure_adapter(pool: PoolView, p: dict, name: str, path: str, events:
         p.update(state="Pending", lastError=str(exc))
 
 
-async def _unload(pool: PoolView, engine: str, name: str) -> None:
+async def _unload(pool: PoolView, engine: str, name: str) -> bool:
+    """Unload the adapter; False when the engine did not answer (it may still hold it)."""
     try:
         await pool.client.unload_adapter(pool.engines[engine], name)
-    except (EngineUnavailable, EngineRejected):
+    except EngineUnavailable:
+        return False
+    except EngineRejected:
         pass
+    return True
 
 
-async def release_endpoint(body: dict, pool: PoolView) -> list[Event]:
-    """On deletion: unload the adapter everywhere it is placed (engines that do not answer are skipped)."""
+async def release_endpoint(body: dict, pool: PoolView) -> tuple[list[Event], list[str]]:
+    """On deletion: unload the adapter everywhere it is placed. Returns the Events and the engines that did not
+    answer, which the handler retries a few times before letting the object go."""
     spec, status = body["spec"], body.get("status") or {}
     name = spec.get("servedModelName") or body["metadata"]["name"]
+    unreached = []
     if spec.get("adapter"):
         for p in status.get("placements") or []:
-            if p["engine"] in pool.engines:
-                await _unload(pool, p["engine"], name)
-    return [("Normal", "Released", f"{name} unloaded from its engines")]
+            if p["engine"] in pool.engines and not await _unload(pool, p["engine"], name):
+                unreached.append(p["engine"])
+    if unreached:
+        return [("Warning", "ReleaseIncomplete", f"engines {', '.join(unreached)} did not answer; they may still "
+                 f"hold {name} until they restart")], unreached
+    return [("Normal", "Released", f"{name} unloaded from its engines")], []
 
 
 # ---- FinetuneJob --------------------------------------------------------------------------------------------
@@ -398,12 +407,16 @@ async def _find_job(pool: PoolView, caps: dict[str, dict | None], job_id: str) -
     return None
 
 
-async def release_job(body: dict, pool: PoolView) -> list[Event]:
-    """On deletion: cancel the engine job (checkpoints stay on the storage)."""
+async def release_job(body: dict, pool: PoolView) -> tuple[list[Event], list[str]]:
+    """On deletion: cancel the engine job (checkpoints stay on the storage). Returns the Events and the engine
+    that did not answer, if any."""
     placement = (body.get("status") or {}).get("placement")
     if placement:
         try:
             await pool.client.cancel_job(placement["url"], placement["engineJobId"])
-        except (EngineUnavailable, EngineRejected):
+        except EngineUnavailable:
+            return [("Warning", "ReleaseIncomplete", f"engine {placement['engine']} did not answer; its job "
+                     f"{placement['engineJobId']} may still run")], [placement["engine"]]
+        except EngineRejected:
             pass
-    return [("Normal", "Released", "engine job cancelled; checkpoints kept")]
+    return [("Normal", "Released", "engine job cancelled; checkpoints kept")], []

@@ -21,6 +21,8 @@ class OperatorSettings:
     namespaces: list[str] = field(default_factory=lambda: _env_list("COSERVE_NAMESPACES"))  # empty: all
     poll_seconds: float = float(os.environ.get("COSERVE_POLL_SECONDS", "10"))
     engine_timeout_seconds: float = float(os.environ.get("COSERVE_ENGINE_TIMEOUT_SECONDS", "5"))
+    retry_seconds: float = float(os.environ.get("COSERVE_RETRY_SECONDS", "5"))      # backoff of a failed release
+    release_retries: int = int(os.environ.get("COSERVE_RELEASE_RETRIES", "3"))     # before deletion goes on anyway
     engine_port: int = int(os.environ.get("COSERVE_ENGINE_PORT", "8000"))
     peering: str | None = os.environ.get("COSERVE_PEERING") or None
     priority: int = field(default_factory=_priority)

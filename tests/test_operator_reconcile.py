@@ -13,9 +13,9 @@ from coserve.operator.conditions import status_diff
 from coserve.operator.engine_client import EngineClient
 from coserve.operator.reconcile import (PoolView, reconcile_endpoint, reconcile_job, release_endpoint,
                                         release_job)
+from argocd_health import argocd_health
+from coserve_testlib import ADAPTERS, make_peft_adapter, write_task
 from server_proc import EngineProcess
-from coserve_testlib import write_task
-from coserve_testlib import ADAPTERS, make_peft_adapter
 
 TOKEN = "op-token"
 
@@ -68,6 +68,12 @@ def cond(status: dict, type_: str) -> dict:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
 
+def health(body: dict, status: dict) -> str:
+    """What Argo CD's health check (charts/coserve/argocd) makes of the object with this status."""
+    kind = "FinetuneJob" if "dataset" in body["spec"] else "InferenceEndpoint"
+    return argocd_health(kind, {**body, "status": status})["status"]
+
+
 def test_endpoint_is_placed_on_distinct_engines_and_is_idempotent(engines):
     pool = pool_of(engines)
     body = endpoint("chat", 2, {"path": "adapters/qv"})
@@ -77,16 +83,31 @@ def test_endpoint_is_placed_on_distinct_engines_and_is_idempotent(engines):
     assert cond(status, "Ready")["status"] == "True" and status["url"].endswith("/v1")
     assert [e[1] for e in events].count("AdapterLoaded") == 2
     assert all("chat" in adapters_on(p) for p in engines)
+    assert health(body, status) == "Healthy"
     body["status"] = copy.deepcopy(status)
     again, events = run(reconcile_endpoint(body, pool, None))
     assert events == [] and status_diff(body["status"], again) == {}
     body["spec"]["replicas"] = 1
     body["metadata"]["generation"] = 2
+    assert health(body, body["status"]) == "Progressing"   # the spec change is not reconciled yet
     scaled, events = run(reconcile_endpoint(body, pool, None))
     assert scaled["readyReplicas"] == 1 and "ScaledDown" in [e[1] for e in events]
     assert sum("chat" in adapters_on(p) for p in engines) == 1
-    run(release_endpoint({**body, "status": scaled}, pool))
+    events, unreached = run(release_endpoint({**body, "status": scaled}, pool))
+    assert unreached == [] and [e[1] for e in events] == ["Released"]
     assert not any("chat" in adapters_on(p) for p in engines)
+
+
+def test_release_reports_engines_that_did_not_answer():
+    gone = PoolView("ns", "pool", {"gone": "http://127.0.0.1:9"}, EngineClient(TOKEN, 1.0))
+    body = endpoint("chat", 1, {"path": "adapters/qv"})
+    body["status"] = {"placements": [{"engine": "gone", "url": "http://127.0.0.1:9", "state": "Loaded"}]}
+    events, unreached = run(release_endpoint(body, gone))
+    assert unreached == ["gone"] and events[0][:2] == ("Warning", "ReleaseIncomplete")
+    body = job("lost")
+    body["status"] = {"placement": {"engine": "gone", "url": "http://127.0.0.1:9", "engineJobId": "ns.lost.0"}}
+    events, unreached = run(release_job(body, gone))
+    assert unreached == ["gone"] and events[0][:2] == ("Warning", "ReleaseIncomplete")
 
 
 def test_bad_adapter_path_is_reported_in_status_and_events(engines):
@@ -95,6 +116,7 @@ def test_bad_adapter_path_is_reported_in_status_and_events(engines):
     assert ready["status"] == "False" and ready["reason"] == "AdapterLoadFailed"
     assert ("Warning", "AdapterLoadFailed") in [(e[0], e[1]) for e in events]
     assert status["lastFailure"]["engine"] in ("e0", "e1")
+    assert health(endpoint("broken", 1, {"path": "task.jsonl"}), status) == "Degraded"
 
 
 def test_base_model_endpoint_needs_no_adapter(engines):
@@ -111,6 +133,7 @@ def test_job_trains_to_success_and_a_following_endpoint_hot_reloads(engines, dat
     assert "Placed" in [e[1] for e in events]
     waiting, _ = run(reconcile_endpoint(follower, pool, status))
     assert cond(waiting, "Ready")["reason"] in ("WaitingForAdapter", "AdapterLoaded")
+    assert health(body, status) == "Progressing"
     seen_paths, reloads = set(), 0
     for _ in range(600):
         body["status"] = status
@@ -126,7 +149,7 @@ def test_job_trains_to_success_and_a_following_endpoint_hot_reloads(engines, dat
     assert status["phase"] == "Succeeded" and status["stepText"] == "48/48"
     assert [c["step"] for c in status["checkpoints"]] == [8, 16, 24, 32, 40, 48]
     assert status["latestCheckpoint"] == "adapters/ns/teach/checkpoint-48"
-    assert cond(status, "Succeeded")["status"] == "True"
+    assert cond(status, "Succeeded")["status"] == "True" and health(body, status) == "Healthy"
     assert len(seen_paths) >= 2 and reloads >= 1
     final, _ = run(reconcile_endpoint(follower, pool, {**body["status"], **status}))
     assert final["adapterPath"] == "adapters/ns/teach/checkpoint-48"
@@ -141,6 +164,7 @@ def test_invalid_job_fails_with_the_engines_reason(engines):
     failed = cond(status, "Failed")
     assert failed["reason"] == "InvalidSpec" and "dataset.path" in failed["message"]
     assert ("Warning", "InvalidSpec") in [(e[0], e[1]) for e in events]
+    assert health(job("bad"), status) == "Degraded"
 
 
 def test_suspend_checkpoints_and_resume_continues(engines):
@@ -154,6 +178,7 @@ def test_suspend_checkpoints_and_resume_continues(engines):
     status, events = run(reconcile_job(body, pool))
     assert status["phase"] == "Suspended" and status["placement"] is None
     assert status["checkpoints"] and "Suspended" in [e[1] for e in events]
+    assert health(body, status) == "Suspended"
     step = status["checkpoints"][-1]["step"]
     body["status"], body["spec"]["suspend"] = {**body["status"], **status}, False
     status, events = run(reconcile_job(body, pool))

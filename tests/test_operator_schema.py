@@ -13,6 +13,7 @@ from coserve.operator.conditions import set_condition, status_diff
 from coserve.operator.placement import pick_endpoint_engines, pick_job_engine, reserve
 from coserve.operator.pool import engine_urls, headless_service, statefulset, token_secret
 from coserve.operator.reconcile import endpoint_adapter_path, engine_job_body, engine_job_id
+from coserve.operator.routing import endpoint_service, endpoint_slices, routable_ip
 from coserve.operator.settings import OperatorSettings
 from crd_schema import crd_schema, validate
 
@@ -151,3 +152,22 @@ def test_job_spec_maps_to_the_engine_api_and_ids_fit():
                                  checkpoints) == ("p5", None)
     assert endpoint_adapter_path({"adapter": {"fromFinetuneJob": {"name": "j", "checkpoint": "final"}}},
                                  checkpoints)[0] is None
+
+
+def test_endpoint_service_routes_only_to_engines_holding_the_adapter():
+    endpoint = {"metadata": {"name": "chat", "namespace": "team"}}
+    assert endpoint_service(endpoint)["spec"].get("selector") is None   # the operator writes its slices
+    assert [routable_ip(u) for u in ("http://10.1.2.3:8000", "http://127.0.0.1:8000", "http://engine:8000",
+                                     "http://169.254.1.1", "http://[fd00::1]:8000")] == ["10.1.2.3"] + [None] * 4
+    placements = [{"engine": "p-1", "url": "http://p-1.pool:8000", "state": "Loaded"},
+                  {"engine": "p-0", "url": "http://p-0.pool:8000", "state": "Pending"},
+                  {"engine": "p-2", "url": "http://p-2.pool:8000", "state": "Loaded"}]
+    [s] = endpoint_slices(endpoint, {"p-0": "10.0.0.5", "p-1": "10.0.0.6"}, placements, pods=True)
+    assert s["metadata"]["labels"]["kubernetes.io/service-name"] == "chat" and s["ports"][0]["port"] == 8000
+    assert [(e["addresses"], e["conditions"]["ready"], e["targetRef"]["name"]) for e in s["endpoints"]] == [
+        (["10.0.0.5"], False, "p-0"), (["10.0.0.6"], True, "p-1")]   # p-2 has no address yet: left out
+    byo = [{"engine": "a", "url": "http://10.0.0.7:8000", "state": "Loaded"},
+           {"engine": "b", "url": "http://10.0.0.8:9000", "state": "Loaded"}]
+    slices = endpoint_slices(endpoint, {"a": "10.0.0.7", "b": "10.0.0.8"}, byo, pods=False)
+    assert [(s["metadata"]["name"], s["ports"][0]["port"]) for s in slices] == [("chat-8000", 8000), ("chat-9000", 9000)]
+    assert all("targetRef" not in e for s in slices for e in s["endpoints"])
