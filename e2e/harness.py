@@ -145,7 +145,8 @@ class ControlPlane:
                 pass
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited: {(d / (Path(p.args[0]).name + '.log')).read_text()[-3000:]}")
+                    log = d / (Path(p.args[0]).name + ".log")
+                    raise RuntimeError(f"{p.args[0]} exited: {log.read_text()[-3000:]}")
             time.sleep(0.5)
         raise RuntimeError("kube-apiserver did not become ready in 120 s")
 

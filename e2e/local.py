@@ -31,7 +31,8 @@ def prepare_data(root: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dir", type=Path, default=ROOT / ".coserve-local", help="state and logs (default: %(default)s)")
+    parser.add_argument("--dir", type=Path, default=ROOT / ".coserve-local",
+                        help="state and logs (default: %(default)s)")
     args = parser.parse_args()
     from server_proc import EngineProcess
 

@@ -106,6 +106,8 @@ BAD = [
      "model.path must be relative"),
     ("CoServingPool", {"model": {"path": "m"}, "engines": [{"name": "a", "url": "ftp://a"}]},
      "spec.engines[0].url"),
+    ("CoServingPool", {"model": {"path": "m"}, "engines": [{"name": "GPU_A", "url": "http://a"}]},
+     "spec.engines[0].name"),
 ]
 
 

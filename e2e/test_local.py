@@ -9,6 +9,7 @@ import sys
 import time
 
 from harness import HERE, kubectl
+from test_readme import make_target
 
 
 def wait_until(kubeconfig, what: str, jsonpath: str, want: str, timeout: float = 180) -> None:
@@ -23,6 +24,7 @@ def wait_until(kubeconfig, what: str, jsonpath: str, want: str, timeout: float =
 
 
 def test_local_playground_serves_and_trains_the_examples(tmp_path):
+    assert make_target("local") == ["$(BIN)/python e2e/local.py"]
     proc = subprocess.Popen([sys.executable, str(HERE / "local.py"), "--dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

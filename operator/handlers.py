@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from coserve.operator import kube
 from coserve.operator.conditions import set_condition, status_diff
@@ -137,7 +138,11 @@ async def endpoint(body: kopf.Body, patch: kopf.Patch, namespace: str, **_) -> N
         pool_missing(body, patch, why)
         return
     desired, events = await reconcile_endpoint(dict(body), view, job_status)
-    desired["url"] = await route(body, pool, desired.get("placements") or []) or desired["url"]
+    try:
+        desired["url"] = await route(body, pool, desired.get("placements") or []) or desired["url"]
+    except ApiException as exc:
+        events.append(("Warning", "ServiceNotUpdated", f"the endpoint's Service or EndpointSlices: {exc.status} "
+                       f"{exc.reason}"))
     write_status(patch, body, desired)
     post(body, events)
 

@@ -169,5 +169,6 @@ def test_endpoint_service_routes_only_to_engines_holding_the_adapter():
     byo = [{"engine": "a", "url": "http://10.0.0.7:8000", "state": "Loaded"},
            {"engine": "b", "url": "http://10.0.0.8:9000", "state": "Loaded"}]
     slices = endpoint_slices(endpoint, {"a": "10.0.0.7", "b": "10.0.0.8"}, byo, pods=False)
-    assert [(s["metadata"]["name"], s["ports"][0]["port"]) for s in slices] == [("chat-8000", 8000), ("chat-9000", 9000)]
+    assert [(s["metadata"]["name"], s["ports"][0]["port"]) for s in slices] == [("chat-8000", 8000),
+                                                                                 ("chat-9000", 9000)]
     assert all("targetRef" not in e for s in slices for e in s["endpoints"])
