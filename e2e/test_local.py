@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import openai
+
 from harness import HERE, kubectl
 from test_readme import make_target
 
@@ -39,6 +41,11 @@ def test_local_playground_serves_and_trains_the_examples(tmp_path):
         kubectl(kubeconfig, "apply", "-f", "examples/02-endpoint-base.yaml", "-f", "examples/03-finetune-job.yaml",
                 "-f", "examples/04-endpoint-follows-job.yaml")
         wait_until(kubeconfig, "inferenceendpoint/llama-base", "{.status.readyReplicasText}", "2/2")
+        url, model = kubectl(kubeconfig, "get", "inferenceendpoint/llama-base", "-o",
+                             "jsonpath={.status.url} {.status.model}").stdout.split()
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)   # local engines: the URL is an engine's
+        out = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens > 0
         wait_until(kubeconfig, "finetunejob/support-bot", "{.status.phase}", "Succeeded")
         wait_until(kubeconfig, "inferenceendpoint/support-bot", '{.status.conditions[?(@.type=="Ready")].status}',
                    "True")

@@ -114,6 +114,8 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
             if p["state"] == "Failed":
                 status["lastFailure"] = {"engine": p["engine"], "time": now_iso(), "message": p.get("lastError", "")}
     placements.sort(key=lambda p: p["engine"])   # a stable order, so an unchanged state writes nothing
+    if path is None:   # the base model answers to the engines' own name for it
+        name = next((caps[p["engine"]]["model"] for p in placements if caps.get(p["engine"])), name)
     ready = sum(p["state"] == "Loaded" for p in placements)
     loaded = [p for p in placements if p["state"] == "Loaded"]
     url = loaded[0]["url"] + "/v1" if loaded else ""   # the handler puts the endpoint's Service URL here

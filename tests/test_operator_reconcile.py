@@ -121,7 +121,9 @@ def test_bad_adapter_path_is_reported_in_status_and_events(engines):
 
 def test_base_model_endpoint_needs_no_adapter(engines):
     status, _ = run(reconcile_endpoint(endpoint("base", 2, None), pool_of(engines), None))
-    assert status["readyReplicas"] == 2 and status["adapterPath"] == ""
+    assert status["readyReplicas"] == 2 and status["adapterPath"] == "" and status["model"] == "tiny"
+    r = httpx.post(status["url"] + "/completions", json={"model": status["model"], "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text
 
 
 def test_job_trains_to_success_and_a_following_endpoint_hot_reloads(engines, data_root):
