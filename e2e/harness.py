@@ -107,6 +107,20 @@ def kubeconfig(path: Path, server: str, ca: Path, token: str) -> Path:
     return path
 
 
+def stop_all(procs: list[subprocess.Popen], grace: float = 15) -> None:
+    """SIGTERM to all at once, then SIGKILL to whichever is still running after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class ControlPlane:
     def __init__(self, workdir: Path):
         self.dir = workdir
@@ -158,12 +172,7 @@ class ControlPlane:
         return kubeconfig(path, self.server, self.dir / "ca.crt", token)
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.terminate()
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(list(reversed(self.procs)))
         shutil.rmtree(self.dir / "etcd", ignore_errors=True)
 
 
@@ -185,8 +194,7 @@ class OperatorProcess:
             raise RuntimeError(self.log.read_text()[-3000:])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop_all([self.proc])
 
 
 def chart_rbac(release: str, namespace: str) -> str:

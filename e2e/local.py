@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-from harness import ROOT, ControlPlane, OperatorProcess, byo_pool, install_crds, operator_kubeconfig
+from harness import ROOT, ControlPlane, OperatorProcess, byo_pool, install_crds, operator_kubeconfig, stop_all
 
 sys.path.insert(0, str(ROOT / "tests"))
 
 TOKEN = "local-engine-token"
 DATASET = ROOT / "engine" / "data" / "demo_task.jsonl"
+EXAMPLES = ("02-endpoint-base.yaml", "03-finetune-job.yaml", "04-endpoint-follows-job.yaml")   # 01 is GPU pods
 
 
 def prepare_data(root: Path) -> Path:
@@ -50,10 +51,11 @@ def main() -> None:
         operator.start()
         byo_pool(plane.admin_kubeconfig, "default", "llama-pool", TOKEN,
                  {f"engine-{i}": e.url for i, e in enumerate(engines)})
+        examples = " ".join(f"-f examples/{n}" for n in EXAMPLES)
         print(f"""
 ready. In another shell:
   export KUBECONFIG={plane.admin_kubeconfig} PATH={Path(sys.executable).parent}:$PATH
-  kubectl apply -f examples/02-endpoint-base.yaml -f examples/03-finetune-job.yaml -f examples/04-endpoint-follows-job.yaml
+  kubectl apply {examples}
   kubectl get coserve
 The pool `llama-pool` is two local engines (examples/01-pool.yaml describes GPU pods instead). Ctrl-C stops all.""",
               flush=True)
@@ -63,10 +65,7 @@ The pool `llama-pool` is two local engines (examples/01-pool.yaml describes GPU 
     except KeyboardInterrupt:
         pass
     finally:
-        if operator is not None:
-            operator.stop()
-        for e in engines:
-            e.stop()
+        stop_all([p.proc for p in (operator, *engines) if p is not None])
         plane.stop()
 
 

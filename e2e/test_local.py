@@ -45,6 +45,7 @@ def test_local_playground_serves_and_trains_the_examples(tmp_path):
                              "jsonpath={.status.url} {.status.model}").stdout.split()
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)   # local engines: the URL is an engine's
         out = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
+        client.close()
         assert out.usage.completion_tokens > 0
         wait_until(kubeconfig, "finetunejob/support-bot", "{.status.phase}", "Succeeded")
         wait_until(kubeconfig, "inferenceendpoint/support-bot", '{.status.conditions[?(@.type=="Ready")].status}',
@@ -55,4 +56,4 @@ def test_local_playground_serves_and_trains_the_examples(tmp_path):
                          ("InferenceEndpoint", "support-bot"), ("FinetuneJob", "support-bot")}
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=120) == 0, proc.stdout.read()[-3000:]
