@@ -108,9 +108,11 @@ def job_spec(data_root: Path, seq_len: int, steps: int, job_id: str, chunk_token
 
 
 def bench_ours_finetune(engine, data_root: Path, seq_len: int, steps: int, job_id: str,
-                        chunk_tokens: int) -> tuple[dict, object]:
+                        chunk_tokens: int) -> tuple[dict, list[list[int]]]:
+    """Our finetuning alone, and the token ids it trained on (for the peer: a finished job drops them)."""
     from coserve.engine.finetune.manager import build_job
     job = build_job(engine, job_spec(data_root, seq_len, steps, job_id, chunk_tokens))
+    trained = [list(s.ids) for s in job.sequences]
     engine.finetune.add(job)
     sync()
     t0 = time.perf_counter()
@@ -119,10 +121,10 @@ def bench_ours_finetune(engine, data_root: Path, seq_len: int, steps: int, job_i
     sync()
     elapsed = time.perf_counter() - t0
     return {"tokens_per_s": job.tokens / elapsed, "seconds": elapsed, "state": job.state.value,
-            "activation_bytes_per_token": job.activation_bytes_per_token()}, job
+            "activation_bytes_per_token": job.activation_bytes_per_token()}, trained
 
 
-def bench_peft_finetune(model_dir: Path, job, dtype, device) -> dict:
+def bench_peft_finetune(model_dir: Path, sequences: list[list[int]], dtype, device) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
@@ -131,7 +133,7 @@ def bench_peft_finetune(model_dir: Path, job, dtype, device) -> dict:
     for p in params:
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    seqs = [torch.tensor([s.ids], device=device) for s in job.sequences]
+    seqs = [torch.tensor([ids], device=device) for ids in sequences]
     tokens = 0
 
     def train_step(ids: torch.Tensor) -> None:
@@ -205,14 +207,14 @@ def main() -> None:
 
     eng = engine(1e6)
     ours_inf = bench_ours_inference(eng, prompts, args.max_tokens)
-    ours_ft, job = bench_ours_finetune(eng, work, args.seq_len, args.steps, "ftonly", args.chunk_tokens)
+    ours_ft, trained = bench_ours_finetune(eng, work, args.seq_len, args.steps, "ftonly", args.chunk_tokens)
     slo = args.slo_factor * ours_inf["decode_step_ms_p50"]
     eng.config.tpot_slo_ms = slo
     co = bench_coserve(eng, work, prompts, args.max_tokens, args.seq_len, args.steps, args.chunk_tokens)
     cost = eng.cost.to_dict()
     del eng
     hf_inf = bench_hf_inference(model_dir, prompts, args.max_tokens, dtype, device)
-    peft_ft = bench_peft_finetune(model_dir, job, dtype, device)
+    peft_ft = bench_peft_finetune(model_dir, trained, dtype, device)
     result = {
         "benchmark": "coserve_bench", "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

@@ -26,6 +26,12 @@ class CostModel:
     def unit_s(self, tokens: int) -> float:
         return self.unit_fixed_s + self.unit_per_token_s * tokens
 
+    def unit_tokens_within(self, seconds: float, most: int) -> int:
+        """The largest backward unit, up to `most` tokens, predicted to take at most `seconds`."""
+        if self.unit_per_token_s <= 0:
+            return most if seconds >= self.unit_fixed_s else 0
+        return max(0, min(most, int((seconds - self.unit_fixed_s) / self.unit_per_token_s)))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,5 +1,6 @@
-"""Token-level finetuning is exact: LoRA gradients from chunked forwards and (layer, chunk) backward units,
-interleaved with inference requests in the same iterations, equal full-sequence autograd through peft."""
+"""Token-level finetuning is exact: LoRA gradients from chunked forwards and backward units of one or more
+chunks of a layer, interleaved with inference requests in the same iterations, equal full-sequence autograd
+through peft."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coserve_testlib import hf_model, make_engine, rel_err
+from coserve_testlib import hf_model, make_engine, make_peft_adapter, rel_err
 from coserve.engine.cost_model import CostModel
 from coserve.engine.finetune.job import JobState
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.lora import read_adapter
 from coserve.engine.sampling import SamplingParams
-from coserve_testlib import make_peft_adapter
 
 FIXED_COST = CostModel(0.0, 1e-6, 0.0, 1e-6)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,11 +40,15 @@ def peft_grads(model_dir, adapter_dir, ids: list[int]) -> tuple[float, dict[str,
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk_tokens", [3, 7, 16])
-def test_token_level_gradients_equal_full_sequence_autograd(model_dirs, tmp_path, arch, chunk_tokens):
+@pytest.mark.parametrize("max_unit", [16, 64], ids=["units-of-16", "units-of-64"])
+def test_token_level_gradients_equal_full_sequence_autograd(model_dirs, tmp_path, arch, chunk_tokens, max_unit):
+    """Backward units take single chunks or merge consecutive ones up to `max_unit` tokens (the engine's
+    max_batched_tokens); every grouping gives the same gradients."""
     model_dir = model_dirs[arch]
     make_peft_adapter(model_dir, tmp_path / "init", 0, r=8, lora_alpha=16, target_modules=TARGETS)
     (tmp_path / "data.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
-    engine = make_engine(model_dir, data_root=str(tmp_path), tpot_slo_ms=1e6, cost_model=FIXED_COST)
+    engine = make_engine(model_dir, data_root=str(tmp_path), tpot_slo_ms=1e6, cost_model=FIXED_COST,
+                         max_batched_tokens=max_unit)
     spec = JobSpec.model_validate({
         "id": "grad", "dataset": {"path": "data.jsonl", "format": "text"}, "output": "out", "init_from": "init",
         "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS},
@@ -57,13 +61,16 @@ def test_token_level_gradients_equal_full_sequence_autograd(model_dirs, tmp_path
         engine.add_request(f"inf{i}", engine.tokenizer(prompt).input_ids,
                            SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     engine.finetune.add(job)
-    shared = 0
+    shared = units = 0
     while engine.has_work():
         engine.step()
         s = engine.last_step
         shared += bool(s.finetune_tokens and (s.prefill_tokens or s.decode_tokens))
+        units += s.backward_units
     assert job.state is JobState.SUCCEEDED, job.error
     assert shared >= 2, "finetuning chunks must ride in the same forward as inference tokens"
+    passes = engine.model.cfg.num_layers + 1   # the loss head, then each layer
+    assert units == passes if max_unit >= len(ids) else units > passes   # one merged unit per pass, or several
 
     _, init = read_adapter(tmp_path / "init")
     _, final = read_adapter(tmp_path / "out" / "checkpoint-1")

@@ -4,8 +4,9 @@ The forward ran in chunks inside the serving batches and kept, per chunk, each l
 hidden state; keys and values sit in the paged KV cache. Backward then runs units top layer first and, within
 a layer, last chunk first. Unit (l, k) recomputes layer l for chunk k with autograd, attending to the cached
 keys of earlier tokens as leaves: their gradients go to dK/dV accumulators, which are complete for chunk k's
-own keys when its unit runs, because every later chunk has already run. Exact, with no autograd graph kept
-between units."""
+own keys when its unit runs, because every later chunk has already run. A unit may also take several
+consecutive chunks of a layer at once (one fixed cost instead of several) when the iteration has room. Exact,
+with no autograd graph kept between units."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,7 +31,8 @@ class SavedChunk:
 
 @dataclass
 class SequenceBackward:
-    """Backward progress of one sequence; `run_unit` advances it by one (layer, chunk) unit."""
+    """Backward progress of one sequence; `run_unit` advances it by one unit: a layer for one chunk, or for
+    several consecutive chunks when the iteration has room for them."""
 
     model: CausalLM
     adapter: TrainAdapter
@@ -55,16 +57,30 @@ class SequenceBackward:
     def done(self) -> bool:
         return self.layer == -2
 
-    def next_unit_tokens(self) -> int:
-        return self.chunks[self.chunk].length
+    def _unit_chunks(self, max_tokens: int) -> range:
+        """The next unit's chunks: the next one, merged with the earlier ones of the same layer while the unit
+        stays within `max_tokens` (fewer, larger units cost less where each unit's fixed cost dominates).
+        Chunks with LoRA dropout run alone, each with its own masks."""
+        last = first = self.chunk
+        tokens = self.chunks[last].length
+        while (first > 0 and self.chunks[first].dropout is None and self.chunks[first - 1].dropout is None
+               and tokens + self.chunks[first - 1].length <= max_tokens):
+            first -= 1
+            tokens += self.chunks[first].length
+        return range(first, last + 1)
 
-    def run_unit(self) -> None:
+    def next_unit_tokens(self, max_tokens: int = 0) -> int:
+        return sum(self.chunks[k].length for k in self._unit_chunks(max_tokens))
+
+    def run_unit(self, max_tokens: int = 0) -> None:
+        """Advance by one unit of up to `max_tokens` tokens (always at least one chunk)."""
+        ks = self._unit_chunks(max_tokens)
         with torch.enable_grad():
             if self.layer == -1:
-                self._head_unit(self.chunks[self.chunk])
+                self._head_unit(ks)
             else:
-                self._layer_unit(self.layer, self.chunk, self.chunks[self.chunk])
-        self.chunk -= 1
+                self._layer_unit(self.layer, ks)
+        self.chunk = ks.start - 1
         if self.chunk < 0:
             self._next_layer()
 
@@ -80,19 +96,28 @@ class SequenceBackward:
             self.chunks.clear()
             self.grad_out.clear()
 
-    def _head_unit(self, c: SavedChunk) -> None:
-        """Loss of the chunk's positions (labels shifted over the whole sequence) and dL/d(final hidden)."""
-        h = c.inputs[-1].detach().clone().requires_grad_()
+    def _span(self, ks: range, layer: int) -> tuple[int, int, torch.Tensor]:
+        """(start, length, the saved inputs of `layer` for the chunks `ks`, joined, as a leaf needing grad)."""
+        chunks = [self.chunks[k] for k in ks]
+        x = torch.cat([c.inputs[layer] for c in chunks]).detach().requires_grad_()
+        return chunks[0].start, sum(c.length for c in chunks), x
+
+    def _split(self, grad: torch.Tensor, ks: range) -> dict[int, torch.Tensor]:
+        return dict(zip(ks, grad.split([self.chunks[k].length for k in ks])))
+
+    def _head_unit(self, ks: range) -> None:
+        """Loss of the unit's positions (labels shifted over the whole sequence) and dL/d(final hidden)."""
+        start, length, h = self._span(ks, -1)
         logits = self.model.lm_head(self.model.model.norm(h)).float()
-        targets = self.labels[c.start + 1:c.start + c.length + 1]
-        targets = torch.tensor(targets + [IGNORE] * (c.length - len(targets)), device=h.device)
+        targets = self.labels[start + 1:start + length + 1]
+        targets = torch.tensor(targets + [IGNORE] * (length - len(targets)), device=h.device)
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
         (loss * self.loss_scale).backward()
         self.loss_sum += float(loss.detach())
         self.targets += int((targets != IGNORE).sum())
-        self.grad_out[self.chunk] = h.grad
+        self.grad_out.update(self._split(h.grad, ks))
 
-    def _layer_unit(self, layer_idx: int, k: int, c: SavedChunk) -> None:
+    def _layer_unit(self, layer_idx: int, ks: range) -> None:
         model, cfg = self.model, self.model.cfg
         layer = model.model.layers[layer_idx]
         k_cache, v_cache = self.kv_caches[layer_idx]
@@ -100,8 +125,8 @@ class SequenceBackward:
             total = self.chunks[-1].start + self.chunks[-1].length
             self.dk = torch.zeros(total, cfg.num_kv_heads, cfg.head_dim, device=k_cache.device)
             self.dv = torch.zeros_like(self.dk)
-        x = c.inputs[layer_idx].detach().clone().requires_grad_()
-        past_k, past_v = gather_kv(k_cache, v_cache, self.block_table, c.start)
+        start, length, x = self._span(ks, layer_idx)
+        past_k, past_v = gather_kv(k_cache, v_cache, self.block_table, start)
         past_k, past_v = past_k.float().requires_grad_(), past_v.float().requires_grad_()
         own: dict[str, torch.Tensor] = {}
 
@@ -111,13 +136,15 @@ class SequenceBackward:
             values = torch.cat([past_v.to(value.dtype), value])
             return causal_attention(q, keys, values, cfg.head_dim ** -0.5, cfg.sliding_window)
 
-        cos, sin = model.rotary(torch.arange(c.start, c.start + c.length, device=x.device))
-        out = layer(x, cos, sin, [LoRAGroup(self.adapter, None, c.dropout)], attend)
-        span = slice(c.start, c.start + c.length)
-        surrogate = ((out.float() * self.grad_out[k]).sum() + (own["k"].float() * self.dk[span]).sum()
+        cos, sin = model.rotary(torch.arange(start, start + length, device=x.device))
+        dropout = self.chunks[ks.start].dropout if len(ks) == 1 else None
+        out = layer(x, cos, sin, [LoRAGroup(self.adapter, None, dropout)], attend)
+        span = slice(start, start + length)
+        grad_out = torch.cat([self.grad_out[k] for k in ks])
+        surrogate = ((out.float() * grad_out).sum() + (own["k"].float() * self.dk[span]).sum()
                      + (own["v"].float() * self.dv[span]).sum())
         surrogate.backward()
-        self.grad_in[k] = x.grad
-        if c.start:
-            self.dk[:c.start] += past_k.grad
-            self.dv[:c.start] += past_v.grad
+        self.grad_in.update(self._split(x.grad, ks))
+        if start:
+            self.dk[:start] += past_k.grad
+            self.dv[:start] += past_v.grad

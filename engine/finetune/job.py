@@ -188,11 +188,11 @@ class FinetuneJob:
                                              self.engine.kv_caches, 1.0 / max(1, self.step_targets))
             self.saved = []
 
-    def backward_unit_tokens(self) -> int:
-        return 0 if self.backward is None else self.backward.next_unit_tokens()
+    def backward_unit_tokens(self, max_tokens: int) -> int:
+        return 0 if self.backward is None else self.backward.next_unit_tokens(max_tokens)
 
-    def run_backward_unit(self) -> None:
-        self.backward.run_unit()
+    def run_backward_unit(self, max_tokens: int) -> None:
+        self.backward.run_unit(max_tokens)
         if self.backward.done:
             self.step_loss += self.backward.loss_sum
             self.engine.blocks.release(self.seq.request_id)

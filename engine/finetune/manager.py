@@ -160,15 +160,18 @@ class FinetuneManager:
             self._guard(job, lambda: job.forward_done(chunk, acts))
 
     def run_backward(self, time_left: float, cost: CostModel, must_progress: bool) -> int:
-        """Run backward units while their predicted cost fits in what is left of the iteration; with
-        `must_progress` (no inference this iteration) at least one runs. Returns how many ran."""
+        """Run backward units while their predicted cost fits in what is left of the iteration, each merging
+        as many chunks of a layer as fit; with `must_progress` (no inference this iteration) at least one runs.
+        Returns how many ran."""
         ran = 0
+        most = self.engine.config.max_batched_tokens
         for job in self.active():
-            while job.active and job.backward_unit_tokens():
-                unit = cost.unit_s(job.backward_unit_tokens())
+            while job.active and job.backward_unit_tokens(0):
+                room = cost.unit_tokens_within(time_left, most)
+                unit = cost.unit_s(job.backward_unit_tokens(room))
                 if unit > time_left and not (must_progress and ran == 0):
                     break
-                self._guard(job, job.run_backward_unit)
+                self._guard(job, lambda: job.run_backward_unit(room))
                 time_left -= unit
                 ran += 1
         self.turn += 1
