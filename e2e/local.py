@@ -59,6 +59,7 @@ ready. In another shell:
   kubectl get coserve
 The pool `llama-pool` is two local engines (examples/01-pool.yaml describes GPU pods instead). Ctrl-C stops all.""",
               flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # even where a shell started us ignoring it
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             time.sleep(3600)

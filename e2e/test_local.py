@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def wait_until(kubeconfig, what: str, jsonpath: str, want: str, timeout: float =
 def test_local_playground_serves_and_trains_the_examples(tmp_path):
     assert make_target("local") == ["$(BIN)/python e2e/local.py"]
     proc = subprocess.Popen([sys.executable, str(HERE / "local.py"), "--dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines = []
         for line in proc.stdout:
@@ -55,5 +56,9 @@ def test_local_playground_serves_and_trains_the_examples(tmp_path):
         assert names == {("CoServingPool", "llama-pool"), ("InferenceEndpoint", "llama-base"),
                          ("InferenceEndpoint", "support-bot"), ("FinetuneJob", "support-bot")}
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0, proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGINT)   # Ctrl-C
+        try:
+            assert proc.wait(timeout=120) == 0, proc.stdout.read()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)   # it and everything it started
