@@ -6,6 +6,7 @@ import enum
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,7 +99,9 @@ class FinetuneJob:
             self.losses = trainer.get("losses", [])
             self.loss = self.losses[-1] if self.losses else None
             self.lr_sched.last_epoch = self.step - 1
-            self.lr_sched.step()
+            with warnings.catch_warnings():   # only positions the schedule; torch warns of a step before any update
+                warnings.simplefilter("ignore", UserWarning)
+                self.lr_sched.step()
         elif self.init_dir is not None:
             from coserve.engine.lora import read_adapter
             self.adapter.load(read_adapter(self.init_dir)[1])
