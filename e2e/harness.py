@@ -253,3 +253,11 @@ def wait_for(api, plural: str, name: str, check, timeout: float = 120) -> dict:
 
 def ready(status: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
+
+def slice_backends(api, service: str) -> list[tuple[str, bool]]:
+    """What kube-proxy would route the Service to: (base URL, ready) of each endpoint of its EndpointSlices."""
+    slices = kubernetes.client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+        NS, label_selector=f"kubernetes.io/service-name={service}").items
+    return sorted((f"http://{e.addresses[0]}:{s.ports[0].port}", bool(e.conditions.ready))
+                  for s in slices for e in s.endpoints)

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from argocd_health import argocd_health
-from harness import GROUP, NS, VERSION, custom, get, kubectl, ready, wait_for
+from harness import GROUP, NS, VERSION, custom, get, kubectl, ready, slice_backends, wait_for
 
 
 def create(api, plural: str, body: dict) -> None:
@@ -30,14 +30,6 @@ def kubectl_get(kubeconfig: str, plural: str) -> list[dict[str, str]]:
     lines = kubectl(kubeconfig, "get", plural, "-n", NS).stdout.splitlines()
     header = re.split(r"\s{2,}", lines[0].strip())
     return [dict(zip(header, re.split(r"\s{2,}", line.strip()))) for line in lines[1:]]
-
-
-def slice_backends(api, service: str) -> list[tuple[str, bool]]:
-    """What kube-proxy would route the Service to: (base URL, ready) of each endpoint of its EndpointSlices."""
-    slices = kubernetes.client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
-        NS, label_selector=f"kubernetes.io/service-name={service}").items
-    return sorted((f"http://{e.addresses[0]}:{s.ports[0].port}", bool(e.conditions.ready))
-                  for s in slices for e in s.endpoints)
 
 
 def test_endpoint_becomes_ready_behind_its_service(api, cluster, engines, pool):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from argocd_health import argocd_health
-from harness import GROUP, NS, ROOT, VERSION, byo_pool, custom, get, kubectl, ready, wait_for
+from harness import GROUP, NS, ROOT, VERSION, byo_pool, custom, get, kubectl, ready, slice_backends, wait_for
 
 PLURALS = {"CoServingPool": "coservingpools", "InferenceEndpoint": "inferenceendpoints",
            "FinetuneJob": "finetunejobs"}
@@ -80,6 +80,16 @@ def test_gitops_reapply_changes_nothing_and_a_spec_change_is_reconciled(api, clu
     scaled = wait_for(api, "inferenceendpoints", "gitops", lambda s: s.get("readyReplicas") == 1
                       and s.get("observedGeneration") == first["metadata"]["generation"] + 1)
     assert len(scaled["status"]["placements"]) == 1
+    assert slice_backends(api, "gitops") == [(scaled["status"]["placements"][0]["url"], True)]
+    body["spec"]["replicas"] = 0
+    manifest.write_text(json.dumps(body))
+    kubectl(kubeconfig, "apply", "--server-side", "-n", NS, "-f", str(manifest))
+    wait_for(api, "inferenceendpoints", "gitops", lambda s: s.get("observedGeneration") == first["metadata"][
+        "generation"] + 2 and not s.get("placements"))
+    deadline = time.monotonic() + 30
+    while slice_backends(api, "gitops"):   # the Service's slices follow: none left to route to
+        assert time.monotonic() < deadline, slice_backends(api, "gitops")
+        time.sleep(0.5)
 
 
 JOB = {"pool": "pool", "dataset": {"path": "task.jsonl", "format": "text"}}
@@ -175,6 +185,14 @@ def test_deleting_a_pool_marks_its_work_and_deleting_a_job_cancels_it(api, pool,
         c["type"] == "Ready" and c["reason"] == "PoolNotReady" for c in s.get("conditions", [])))
     assert "does not exist" in next(c["message"] for c in obj["status"]["conditions"] if c["type"] == "Ready")
     assert argocd_health("InferenceEndpoint", obj)["status"] == "Degraded"
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "coservingpools", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "CoServingPool", "metadata": {"name": "tokenless"},
+        "spec": {"model": {"path": "model"}, "adminTokenSecret": {"name": "absent"},
+                 "engines": [{"name": "e0", "url": engines[0].url}]}})
+    tokenless = wait_for(api, "coservingpools", "tokenless", lambda s: any(
+        c["type"] == "Ready" and c["reason"] == "AdminTokenMissing" for c in s.get("conditions", [])))
+    assert argocd_health("CoServingPool", tokenless)["status"] == "Degraded"
+    custom(api).delete_namespaced_custom_object(GROUP, VERSION, NS, "coservingpools", "tokenless")
 
     custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, "finetunejobs", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneJob", "metadata": {"name": "doomed"},

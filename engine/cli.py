@@ -66,9 +66,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     from coserve.operator.main import run
-    from coserve.operator.settings import OperatorSettings
 
-    run(OperatorSettings())
+    run()
     return 0
 
 

@@ -2,7 +2,9 @@
 fields that change; failures become conditions and Events; engines that do not answer retry with backoff."""
 from __future__ import annotations
 
+import json
 import logging
+import time
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -18,6 +20,7 @@ from coserve.operator.settings import OperatorSettings
 
 GROUP, VERSION = kube.GROUP, kube.VERSION
 SETTINGS = OperatorSettings()
+_routed: dict[str, tuple[str, float]] = {}   # endpoint uid -> (its Service and slices as last applied, when)
 
 
 @kopf.on.startup()
@@ -26,7 +29,6 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="coserve.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="coserve.dev")
     settings.posting.level = logging.ERROR
-    settings.peering.priority = SETTINGS.priority
     settings.watching.server_timeout = 300
     kube.load_config()
 
@@ -160,12 +162,17 @@ async def route(body: kopf.Body, pool: dict, placements: list[dict]) -> str | No
             return None
     manifests = [endpoint_service(body), *endpoint_slices(body, addresses, placements, pods=managed)]
     kopf.adopt(manifests, owner=body)
-    await kube.apply(namespace, manifests, prune_slices=endpoint_labels(body))
+    uid, key = body["metadata"]["uid"], json.dumps(manifests, sort_keys=True)
+    last, when = _routed.get(uid, ("", 0.0))
+    if key != last or time.monotonic() - when > SETTINGS.route_resync_seconds:   # no API calls when unchanged
+        await kube.apply(namespace, manifests, prune_slices=endpoint_labels(body))
+        _routed[uid] = key, time.monotonic()
     return service_url(namespace, body["metadata"]["name"], SETTINGS.cluster_domain)
 
 
 @kopf.on.delete(GROUP, VERSION, "inferenceendpoints")
 async def endpoint_deleted(body: kopf.Body, namespace: str, retry: int, **_) -> None:
+    _routed.pop(body["metadata"]["uid"], None)
     _, view, _why = await load_pool(namespace, body["spec"]["pool"])
     if view is not None:
         release(body, retry, *await release_endpoint(dict(body), view))

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import kopf
 
-from coserve.operator import handlers  # noqa: F401  (registers the handlers)
-from coserve.operator.settings import OperatorSettings
+from coserve.operator.handlers import SETTINGS
 
 
-def run(settings: OperatorSettings) -> None:
-    kopf.run(clusterwide=not settings.namespaces, namespaces=settings.namespaces,
-             peering_name=settings.peering, standalone=settings.peering is None, priority=settings.priority,
-             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None)
+def run() -> None:
+    """Run with the handlers' own settings, so one process has one peering priority."""
+    kopf.run(clusterwide=not SETTINGS.namespaces, namespaces=SETTINGS.namespaces,
+             peering_name=SETTINGS.peering, standalone=SETTINGS.peering is None, priority=SETTINGS.priority,
+             liveness_endpoint=f"http://0.0.0.0:{SETTINGS.health_port}/healthz" if SETTINGS.health_port else None)

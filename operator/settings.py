@@ -23,6 +23,7 @@ class OperatorSettings:
     engine_timeout_seconds: float = float(os.environ.get("COSERVE_ENGINE_TIMEOUT_SECONDS", "5"))
     retry_seconds: float = float(os.environ.get("COSERVE_RETRY_SECONDS", "5"))      # backoff of a failed release
     release_retries: int = int(os.environ.get("COSERVE_RELEASE_RETRIES", "3"))     # before deletion goes on anyway
+    route_resync_seconds: float = float(os.environ.get("COSERVE_ROUTE_RESYNC_SECONDS", "300"))  # re-apply Services
     engine_port: int = int(os.environ.get("COSERVE_ENGINE_PORT", "8000"))
     peering: str | None = os.environ.get("COSERVE_PEERING") or None
     priority: int = field(default_factory=_priority)

@@ -172,3 +172,11 @@ def test_endpoint_service_routes_only_to_engines_holding_the_adapter():
     assert [(s["metadata"]["name"], s["ports"][0]["port"]) for s in slices] == [("chat-8000", 8000),
                                                                                  ("chat-9000", 9000)]
     assert all("targetRef" not in e for s in slices for e in s["endpoints"])
+
+
+def test_each_operator_process_draws_its_own_peering_priority(monkeypatch):
+    """kopf pauses every peer of equal priority: replicas sharing one environment must still differ."""
+    monkeypatch.delenv("COSERVE_PRIORITY", raising=False)
+    assert len({OperatorSettings().priority for _ in range(5)}) == 5
+    monkeypatch.setenv("COSERVE_PRIORITY", "7")
+    assert OperatorSettings().priority == 7
