@@ -21,11 +21,17 @@ class EngineConfig:
     tpot_slo_ms: float = 50.0           # latency target of one iteration; finetuning fills what inference leaves
     max_finetune_jobs: int = 2          # jobs trained at once; more wait queued
     finetune_kv_reserve: float = 0.1    # fraction of KV blocks finetuning never takes
+    fast_path: bool | None = None       # Triton kernels; default: on for cuda (off on cpu: the twins serve there)
+    cuda_graphs: bool = True            # decode iterations replay captured CUDA graphs (cuda only)
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = None
     served_model_name: str | None = None
     adapters: dict[str, str] = field(default_factory=dict)   # name -> path under data_root
+
+    @property
+    def use_fast_path(self) -> bool:
+        return self.fast_path if self.fast_path is not None else self.device.startswith("cuda")
 
     @property
     def torch_dtype_name(self) -> str:

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from coserve.engine.model.config import ModelConfig
-from coserve.engine.model.llama import CausalLM, rotary_inv_freq
+from coserve.engine.model.llama import CausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,17 +27,18 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> CausalLM:
-    """Build the decoder for the directory's config and copy every checkpoint tensor into it by name."""
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", fast: bool = False) -> CausalLM:
+    """Build the decoder for the directory's config and copy every checkpoint tensor into it by its Hugging Face
+    name (q/k/v and gate/up land in their slices of the merged projections)."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg, fast)
     model = model.to_empty(device=device).to(DTYPES[dtype])
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq.copy_(rotary_inv_freq(cfg))
-    params = dict(model.named_parameters())
+    model.reset_rotary()
+    params = model.hf_tensors()
     loaded: set[str] = set()
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
