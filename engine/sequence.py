@@ -50,6 +50,7 @@ class Sequence:
     emitted_chars: int = 0
     emitted_tokens: int = 0
     num_preemptions: int = 0
+    cache_salt: str | None = None    # names the adapter version in prefix-cache hashes (None: base model)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
