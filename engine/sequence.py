@@ -52,6 +52,7 @@ class Sequence:
     emitted_tokens: int = 0
     num_preemptions: int = 0
     detokenizer: Any = None          # the engine's incremental detokenizer for this output
+    cache_salt: str | None = None    # names the adapter version in prefix-cache hashes (None: base model)
 
     def __post_init__(self) -> None:
         self.sample_seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
