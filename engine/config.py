@@ -23,6 +23,7 @@ class EngineConfig:
     finetune_kv_reserve: float = 0.1    # fraction of KV blocks finetuning never takes
     fast_path: bool | None = None       # Triton kernels; default: on for cuda (off on cpu: the twins serve there)
     cuda_graphs: bool = True            # decode iterations replay captured CUDA graphs (cuda only)
+    enable_prefix_caching: bool = True  # requests sharing a prompt prefix (same adapter) reuse its KV blocks
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = None

@@ -49,7 +49,7 @@ class LLMEngine:
         self.model_config = self.model.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(dtype)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
         self.kv_caches = allocate_kv_caches(self.model_config, num_blocks, config.block_size, config.device, dtype)
@@ -93,6 +93,7 @@ class LLMEngine:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
         if adapter is not None:
             seq.adapter_slot = self.loras.acquire(adapter)
+            seq.cache_salt = f"{adapter}#{self.loras.adapters[adapter].load_id}"
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 

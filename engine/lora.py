@@ -31,6 +31,7 @@ class AdapterInfo:
     scaling: float
     use_rslora: bool
     target_modules: list[str]
+    load_id: int = 0                   # distinguishes reloads of one name (prefix-cache salt)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "path": self.path, "rank": self.rank, "alpha": self.alpha,
@@ -74,6 +75,7 @@ class LoRARegistry:
         self.training: set[int] = set()    # slots that finetuning jobs write into
         self.rank = 0                      # current width of the stacks
         self.version = 0                   # bumped when the stacks are reallocated (captured graphs go stale)
+        self.loads = 0
 
     def _free_slot(self) -> int:
         used = {a.slot for a in self.adapters.values()} | self.retired | self.training
@@ -122,7 +124,9 @@ class LoRARegistry:
         if old is not None:
             self._retire(old.slot)
         targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
-        info = AdapterInfo(name, display_path or str(adapter_dir), slot, rank, alpha, scaling, rslora, targets)
+        self.loads += 1
+        info = AdapterInfo(name, display_path or str(adapter_dir), slot, rank, alpha, scaling, rslora, targets,
+                           self.loads)
         self.adapters[name] = info
         return info
 
