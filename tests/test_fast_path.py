@@ -3,6 +3,7 @@ fused norm/rotary/SiLU, batched sampler) equals the reference path (the PyTorch 
 CPU the kernels run in Triton's interpreter (tests/conftest.py); on a GPU the same test runs them for real."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from coserve_testlib import ADAPTERS, make_engine, make_peft_adapter, rel_err
@@ -58,4 +59,21 @@ def test_fast_generation_equals_reference_tokens(llama_dir, tmp_path):
               SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True),
               SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
     outs = [[s.output_ids for s in e.generate(prompts, params, ["qv", None, "qv"])] for e in (ref, fast)]
+    assert outs[1] == outs[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+def test_cuda_graph_decode_equals_eager(llama_dir, tmp_path):
+    """Decode iterations replayed from captured graphs (padded batch sizes, LoRA and base) give the eager tokens."""
+    adapters = {"qv": make_peft_adapter(llama_dir, tmp_path / "qv", 3, **ADAPTERS["qv-r4"])}
+    prompts = [list(range(5, 5 + n)) for n in (3, 9, 14, 30, 7)]
+    params = SamplingParams(max_tokens=12, temperature=0.7, seed=5, ignore_eos=True)
+    outs = []
+    for graphs in (False, True):
+        engine = make_engine(llama_dir, device="cuda", dtype="float32", cuda_graphs=graphs, max_loras=4,
+                             max_num_seqs=8)
+        engine.loras.load("qv", adapters["qv"])
+        engine.runner.warmup()
+        outs.append([s.output_ids for s in engine.generate(prompts, params, ["qv", None, None, "qv", None])])
+        assert (engine.runner.graphs is not None) == graphs
     assert outs[1] == outs[0]
