@@ -162,6 +162,19 @@ def decode_ms(engine, batch: int, prompt: int, gen: int, adapters: list[str | No
     return 1000 * statistics.median(times[2:] or times)
 
 
+def graph_replay_ms(engine, batch: int) -> float | None:
+    """GPU time of one decode graph replay at this batch (no host work): what the step would cost with the host
+    fully hidden. Slots are set to -1 first so the replay writes no KV."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        return None
+    bs = next(s for s in graphs.sizes if s >= batch)
+    if (bs, False) not in graphs.graphs:
+        return None
+    graphs.slots.fill_(-1)
+    return 1000 * timed(graphs.graphs[(bs, False)][0].replay, 20)
+
+
 def prefill_s(engine, prompts: int, length: int) -> float:
     """Seconds of one iteration that prefills `prompts` prompts of `length` tokens (one token generated)."""
     from coserve.engine.sampling import SamplingParams
@@ -249,6 +262,8 @@ def bench_shape(name: str, shape: dict, work: Path, device: str, ceil: dict, ful
     engine = make_engine(model_dir, device, max_loras=33 if full else 1)
     res["decode_b1_ms"] = decode_ms(engine, 1, *b1)
     res["decode_b64_ms"] = decode_ms(engine, nb64, *b64)
+    if device == "cuda":
+        res["graph_b1_ms"], res["graph_b64_ms"] = graph_replay_ms(engine, 1), graph_replay_ms(engine, nb64)
     res["floor_b1_ms"] = 1000 * weights / bw
     kv = nb64 * (b64[0] + b64[1] / 2) * kv_bytes_per_token(shape)
     res["floor_b64_ms"] = 1000 * (weights + kv) / bw

@@ -96,6 +96,7 @@ class DecodeGraphs:
         self.host = {name: torch.zeros(buf.shape, dtype=buf.dtype, pin_memory=True) for name, buf in
                      (("ids", self.ids), ("positions", self.positions), ("slots", self.slots),
                       ("seq_lens", self.seq_lens), ("tables", self.tables), ("token_lora", self.token_lora))}
+        self.host_np = {name: buf.numpy() for name, buf in self.host.items()}   # cheap element writes
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.lora_version = loras.version
         self.pool = None
@@ -140,12 +141,12 @@ class DecodeGraphs:
         """Logits [len(chunks), V] of a decode-only iteration, by replaying the graph of the next size up."""
         b = len(chunks)
         bs = next(s for s in self.sizes if s >= b)
-        h = self.host
         with_lora = any(c.seq.adapter_slot is not None for c in chunks)
         if self.loras.version != self.lora_version:      # stacks reallocated: LoRA graphs hold stale pointers
             self.graphs = {k: v for k, v in self.graphs.items() if not k[1]}
             self.lora_version = self.loras.version
         bsz = self.blocks.block_size
+        h = self.host_np
         for i, c in enumerate(chunks):
             table = self.blocks.tables[c.seq.request_id]
             pos = c.start
@@ -154,10 +155,11 @@ class DecodeGraphs:
             h["slots"][i] = table[pos // bsz] * bsz + pos % bsz
             h["seq_lens"][i] = pos + 1
             h["token_lora"][i] = -1 if c.seq.adapter_slot is None else c.seq.adapter_slot
-            h["tables"][i, :len(table)] = torch.as_tensor(table, dtype=torch.int32)
+            h["tables"][i, :len(table)] = table
         h["slots"][b:bs] = -1
         h["seq_lens"][b:bs] = 0
         h["token_lora"][b:bs] = -1
+        h = self.host
         for name in ("ids", "positions", "slots", "seq_lens", "token_lora", "tables"):
             getattr(self, name)[:bs].copy_(h[name][:bs], non_blocking=True)
         key = (bs, with_lora)
