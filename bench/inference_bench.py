@@ -76,7 +76,7 @@ def write_model(out: Path, shape: dict, device: str) -> Path:
         return write_tiny_model(out, spec)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_model(out / "_tok", TinyModelSpec())
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (out / "_tok" / f).exists():
             (out / f).write_bytes((out / "_tok" / f).read_bytes())
     h, hd = spec.hidden_size, spec.hidden_size // spec.num_heads
