@@ -111,6 +111,7 @@ class DecodeGraphs:
         lora = LoRABatch(self.token_lora[:bs], with_lora, self.loras.max_loras)
         return ForwardBatch(self.ids[:bs], self.positions[:bs], attn, lora, self.query_start[:bs].long())
 
+    @torch.no_grad()
     def _capture(self, bs: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         batch = self._batch(bs, with_lora)
 
@@ -132,6 +133,7 @@ class DecodeGraphs:
         self.pool = graph.pool()
         return graph, logits
 
+    @torch.no_grad()
     def capture_all(self) -> None:
         """Capture the base-model graph of every size up front (largest first, so smaller ones share its pool)."""
         for bs in reversed(self.sizes):
