@@ -75,7 +75,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-DECODE = [(1, 1), (7, 1), (16, 1), (88, 1), (150, 1)]
+DECODE = [(1, 1), (63, 1), (64, 1), (65, 1), (127, 1), (128, 1), (129, 1)]     # around key-tile edges
 PREFILL = [(5, 5), (70, 70), (130, 130)]
 MIXED = [(130, 1), (40, 12), (9, 9), (0, 1), (25, 1), (0, 0), (150, 70)]     # cached prefixes, padding seqs
 
@@ -95,10 +95,10 @@ def test_unified_attention_equals_twin(seqs, hq, hkv, block_size, splits):
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("window,splits", [(1, 1), (7, 1), (7, 3), (24, 2)])
+@pytest.mark.parametrize("window,splits", [(1, 1), (7, 1), (24, 3), (150, 2)])
 def test_sliding_window(window, splits):
-    """Windows that start inside, and exactly at the edges of, the kernel's key tiles (64 keys)."""
-    decode = [(window + n, 1) for n in (63, 64, 65, 130)]
+    """Windows that start inside, and exactly at the edges of, the kernel's key tiles (up to 128 keys)."""
+    decode = [(window + n, 1) for n in (63, 64, 65, 129, 130)]
     got, want = run_both(make_batch(MIXED + decode, 4, 2, 16, 4, torch.float32, seed=window), window, splits)
     assert_close(got, want)
 
