@@ -1,7 +1,8 @@
-"""Triton kernels for the small per-token ops: RMSNorm fused with the residual add, in-place rotary, SiLU-and-mul.
+"""Triton kernels for the small per-token ops: RMSNorm fused with the residual add, in-place rotary, SiLU-and-mul,
+and the per-row draw of the batched sampler.
 
-Same signatures and numerics as their twins in `norm_rotary` (the spec). Without Triton this module still
-imports; `AVAILABLE` is then False and the callers use the twins.
+Same signatures and numerics as their twins in `norm_rotary` and `sampling` (the spec). Without Triton this
+module still imports; `AVAILABLE` is then False and the callers use the twins.
 """
 from __future__ import annotations
 
@@ -117,6 +118,79 @@ if AVAILABLE:
         out = gate * tl.sigmoid(gate) * up
         tl.store(out_ptr + row * inter + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _mix64(x):
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+        return x ^ (x >> 31)
+
+    @triton.jit
+    def _sample_kernel(logits_ptr, logits_stride, vocab, temp_ptr, top_k_ptr, seed_ptr, step_ptr, keep_ptr,
+                       keep_stride, tokens_ptr, logprobs_ptr, bad_ptr, greedy_below, max_temp,
+                       HAS_KEEP: tl.constexpr, ANY_RANDOM: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * logits_stride
+        keep_base = keep_ptr + row * keep_stride
+        offs = tl.arange(0, BLOCK)
+        temp = tl.load(temp_ptr + row)
+        drawn = (temp >= greedy_below) & (tl.load(top_k_ptr + row) != 1)    # NaN temperatures are greedy
+        inv_t = 1.0 / tl.minimum(tl.where(drawn, temp, 1.0), max_temp)
+        # pass 1: row max, argmax, log-sum-exp of the raw logits; online sum of the kept scaled distribution
+        m = -float("inf")
+        s = 0.0
+        arg = 0
+        broken = 0
+        m_kept = -float("inf")
+        s_kept = 0.0
+        for start in range(0, vocab, BLOCK):
+            idx = start + offs
+            x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32)
+            broken |= tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
+            block_max = tl.max(x, axis=0)
+            block_arg = tl.argmax(x, axis=0)
+            arg = tl.where(block_max > m, start + block_arg, arg)
+            new_m = tl.maximum(m, block_max)
+            ref = tl.where(new_m == -float("inf"), 0.0, new_m)
+            s = s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), axis=0)
+            m = new_m
+            if ANY_RANDOM:
+                if HAS_KEEP:
+                    x = tl.where(tl.load(keep_base + idx, mask=idx < vocab, other=0) != 0, x, -float("inf"))
+                new_mk = tl.maximum(m_kept, tl.max(x, axis=0))
+                ref_k = tl.where(new_mk == -float("inf"), 0.0, new_mk)
+                s_kept = s_kept * tl.exp((m_kept - ref_k) * inv_t) + tl.sum(tl.exp((x - ref_k) * inv_t), axis=0)
+                m_kept = new_mk
+        token = arg
+        if ANY_RANDOM:
+            if drawn:
+                # pass 2: inverse CDF in vocab order; the first token whose running mass passes the target
+                seed = tl.load(seed_ptr + row).to(tl.uint64)
+                step = tl.load(step_ptr + row).to(tl.uint64)
+                z = _mix64(_mix64(seed + 0x9E3779B97F4A7C15) + step * 0x9E3779B97F4A7C15)
+                target = (z >> 40).to(tl.float32) * (1.0 / 16777216.0) * s_kept
+                ref_k = tl.where(m_kept == -float("inf"), 0.0, m_kept)
+                cum = 0.0
+                found = vocab
+                last = arg
+                for start in range(0, vocab, BLOCK):
+                    idx = start + offs
+                    x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32)
+                    if HAS_KEEP:
+                        x = tl.where(tl.load(keep_base + idx, mask=idx < vocab, other=0) != 0, x, -float("inf"))
+                    p = tl.exp((x - ref_k) * inv_t)
+                    passed = (cum + tl.cumsum(p, axis=0) > target) & (p > 0)
+                    found = tl.minimum(found, tl.min(tl.where(passed, idx, vocab), axis=0))
+                    last = tl.maximum(last, tl.max(tl.where(p > 0, idx, -1), axis=0))
+                    cum += tl.sum(p, axis=0)
+                token = tl.where(found < vocab, found, last)   # rounding left the target past the mass: its end
+        bad = (broken != 0) | (m == -float("inf"))
+        token = tl.where(bad, 0, token)
+        chosen = tl.load(base + token).to(tl.float32)
+        logprob = tl.where(bad, float("nan"), chosen - m - tl.log(s))
+        tl.store(tokens_ptr + row, token.to(tl.int64))
+        tl.store(logprobs_ptr + row, logprob)
+        tl.store(bad_ptr + row, bad.to(tl.int8))
+
 
 _MAX_ONE_PASS = 16384
 
@@ -168,3 +242,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, inter, x2.stride(0), BLOCK=block,
                                                                    num_warps=_warps(block))
     return out
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, seeds: torch.Tensor,
+                steps: torch.Tensor, keep: torch.Tensor | None = None, any_random: bool = True,
+                greedy_below: float = 1e-5, max_temperature: float = 1e5
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One program per row reads the logits twice: argmax and log-sum-exp, then (sampled rows) the inverse-CDF
+    draw over exp((logit - max) / T) where `keep` allows. Returns (tokens int64, logprobs fp32, bad bool)."""
+    _require_triton()
+    batch, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(batch, dtype=torch.float32, device=logits.device)
+    bad = torch.empty(batch, dtype=torch.int8, device=logits.device)
+    if batch == 0:
+        return tokens, logprobs, bad.bool()
+    keep_arg = keep.view(torch.uint8) if keep is not None else tokens
+    _sample_kernel[(batch,)](logits, logits.stride(0), vocab, temperature, top_k, seeds, steps, keep_arg,
+                             keep.stride(0) if keep is not None else 0, tokens, logprobs, bad, greedy_below,
+                             max_temperature, HAS_KEEP=keep is not None, ANY_RANDOM=any_random,
+                             BLOCK=min(2048, triton.next_power_of_2(vocab)),
+                             num_warps=8)
+    return tokens, logprobs, bad.view(torch.bool)

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from coserve.kernels import fused_ops
+
 GREEDY_BELOW = 1e-5     # temperatures under this (0, 1e-300, NaN) pick the argmax
 MAX_TEMPERATURE = 1e5   # beyond this the distribution is uniform over the kept tokens to fp32 precision
 
@@ -102,3 +104,15 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     tokens = torch.where(bad, torch.zeros_like(tokens), tokens)
     logprobs = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     return Sampled(tokens, torch.where(bad, torch.full_like(logprobs, float("nan")), logprobs), bad)
+
+
+def sample_batch_fused(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       seeds: torch.Tensor, steps: torch.Tensor, *, any_random: bool = True, any_top_k: bool = True,
+                       any_top_p: bool = True) -> Sampled:
+    """`sample_batch` with the per-row work (argmax, log-sum-exp, the seeded draw) in one Triton kernel that reads
+    each row twice; only the top-k/top-p mask, when a row needs it, still comes from the batch's sort."""
+    keep = None
+    if any_random and (any_top_k or any_top_p):
+        keep = keep_mask(scale(logits.float(), temperature), top_k, top_p, any_top_k, any_top_p)
+    return Sampled(*fused_ops.sample_rows(logits, temperature, top_k, seeds, steps, keep, any_random,
+                                          GREEDY_BELOW, MAX_TEMPERATURE))
