@@ -260,9 +260,9 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     if batch == 0:
         return tokens, logprobs, bad.bool()
     keep_arg = keep.view(torch.uint8) if keep is not None else tokens
+    block = min(16384, triton.next_power_of_2(vocab))   # fixed per vocab, so a row's sums never depend on the batch
     _sample_kernel[(batch,)](logits, logits.stride(0), vocab, temperature, top_k, seeds, steps, keep_arg,
                              keep.stride(0) if keep is not None else 0, tokens, logprobs, bad, greedy_below,
-                             max_temperature, HAS_KEEP=keep is not None, ANY_RANDOM=any_random,
-                             BLOCK=min(2048, triton.next_power_of_2(vocab)),
-                             num_warps=8)
+                             max_temperature, HAS_KEEP=keep is not None, ANY_RANDOM=any_random, BLOCK=block,
+                             num_warps=16 if block >= 16384 else _warps(block))
     return tokens, logprobs, bad.view(torch.bool)
