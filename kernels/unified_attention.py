@@ -4,11 +4,12 @@ Every sequence b owns query rows query_start_loc[b]:query_start_loc[b+1], the la
 keys in the paged cache. A program takes one query tile (BLOCK_Q consecutive queries of one sequence times the
 Hq/Hkv query heads of one KV head, packed as the rows of one matrix) and walks the sequence's keys in tiles of
 TILE_N (several cache blocks, looked up per key in the block table) with an online softmax in fp32, so each K/V
-tile is read once per query tile and KV head. The grid is (cdiv(T, BLOCK_Q) + B, Hkv, splits): it depends on
-shapes only (CUDA-graph safe); a program finds its sequence by binary search over query_start_loc, and the
-programs past the last sequence write zeros into the rows query_start_loc[B]:T. With splits > 1 each program
-covers one contiguous share of its key tiles and stores a normalised partial output and its log-sum-exp; a
-second launch merges the shares. `write_kv` stores new keys and values at their slots, skipping slot < 0.
+tile is read once per query tile and KV head; tiles that every row sees whole skip the masks. The grid is
+(cdiv(T, BLOCK_Q) + B, Hkv, splits): it depends on shapes only (CUDA-graph safe); a program finds its sequence
+by binary search over query_start_loc, and the programs past the last sequence write zeros into the rows
+query_start_loc[B]:T. With splits > 1 each program covers one contiguous share of its key tiles and stores a
+normalised partial output and its log-sum-exp; a second launch merges the shares. `write_kv` stores new keys
+and values at their slots, skipping slot < 0.
 """
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
 """The Triton unified paged attention and KV write equal their PyTorch twins (Triton's interpreter on a CPU)."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+import coserve.kernels.unified_attention as unified_module
 from coserve.kernels.paged_attention import unified_attention_torch, write_kv_skip_torch
 from coserve.kernels.unified_attention import unified_attention, write_kv
 
@@ -191,3 +194,17 @@ def test_write_kv_skips_negative_slots():
         torch.testing.assert_close(got_k.float().cpu(), want_k.to(dtype).float(), atol=tol, rtol=tol)
         torch.testing.assert_close(got_v.float().cpu(), want_v.to(dtype).float(), atol=tol, rtol=tol)
     assert torch.equal(want_k.view(-1, 2, 16)[[1, 2, 3]], caches[0].view(-1, 2, 16)[[1, 2, 3]])
+
+
+def test_module_imports_without_triton(monkeypatch):
+    """Where Triton is missing the module still imports (the engine falls back to the twins) and says why."""
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("unified_without_triton", unified_module.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.HAS_TRITON
+    batch = make_batch(DECODE[:2], 2, 2, 16, 4, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        module.unified_attention(batch.q, batch.k_cache, batch.v_cache, torch.empty_like(batch.q),
+                                 batch.query_start_loc, batch.seq_lens, batch.block_tables, 0.25, None, 1)
