@@ -5,8 +5,7 @@ one slot's tokens by that slot's weights: an adapter's A and B are read once per
 per token. The grid enumerates (slot, token tile) pairs up to their bound for T tokens over S slots (a program
 finds its pair from the per-slot counts), so it depends only on T and static sizes, never on how tokens spread
 over slots: kernels and metadata can be captured in a CUDA graph, and tokens without an adapter get no
-program at all. The PyTorch twins in `lora.py` are the
-specification.
+program at all. The PyTorch twins in `lora.py` are the specification.
 """
 from __future__ import annotations
 
@@ -108,24 +107,32 @@ def _block_m(num_tokens: int) -> int:
 
 
 def shrink_config(num_tokens: int, num_slots: int, k: int, outputs: int) -> LoRAKernelConfig:
-    """Split K until the launch has enough programs to stream every slot's A at memory bandwidth."""
+    """Split K until the launch has enough programs to stream every slot's A at memory bandwidth, each program
+    looping over at least 4 K tiles (2 for tiny batches, which have few token tiles); tuned on an H100."""
     block_m = _block_m(num_tokens)
     block_n = min(128, _pow2_at_least(outputs))
-    block_k = min(256 if block_n <= 64 else 128, _pow2_at_least(k))
+    block_k = min(128, _pow2_at_least(k))
     programs = max_token_tiles(num_tokens, num_slots, block_m) * -(-outputs // block_n)
-    split_k = max(1, min(-(-k // (2 * block_k)), -(-_TARGET_PROGRAMS // programs)))
+    min_k_tiles = 2 if num_tokens <= 16 else 4
+    split_k = max(1, min(-(-k // (min_k_tiles * block_k)), -(-_SHRINK_PROGRAMS // programs)))
     return LoRAKernelConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
 
 
-def expand_config(num_tokens: int, num_slots: int, col_tiles: int, rank: int) -> LoRAKernelConfig:
+def expand_config(num_tokens: int, num_slots: int, offsets: tuple[int, ...], rank: int) -> LoRAKernelConfig:
     """Spread each token tile's column tiles over programs until the launch can stream B at bandwidth."""
     block_m = _block_m(num_tokens)
     block_n = 128 if _pow2_at_least(rank) <= 64 else 64
-    split_n = max(1, min(col_tiles, -(-_TARGET_PROGRAMS // max_token_tiles(num_tokens, num_slots, block_m))))
+    split_n = -(-_EXPAND_PROGRAMS // max_token_tiles(num_tokens, num_slots, block_m))
+    split_n = max(1, min(split_n, _col_tiles(offsets, block_n)))
     return LoRAKernelConfig(block_m=block_m, block_n=block_n, split_n=split_n)
 
 
-_TARGET_PROGRAMS = 1024
+def _col_tiles(offsets: tuple[int, ...], block_n: int) -> int:
+    """Column tiles numbered slice by slice, so that no tile straddles two slices."""
+    return sum(-(-(hi - lo) // block_n) for lo, hi in zip(offsets[:-1], offsets[1:]))
+
+
+_SHRINK_PROGRAMS, _EXPAND_PROGRAMS = 512, 1024   # enough programs in flight to reach memory bandwidth
 
 
 def _require_triton() -> None:
@@ -135,16 +142,17 @@ def _require_triton() -> None:
 
 def _in_fp32(dtype: torch.dtype) -> bool:
     """fp32 operands multiply in full fp32; so do bf16 ones in Triton's interpreter, which multiplies bf16
-    tiles wrongly (3.x)."""
+    tiles wrongly (seen with Triton 3.9)."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, out: torch.Tensor,
-                config: LoRAKernelConfig | None = None) -> torch.Tensor:
+                config: LoRAKernelConfig | None = None, accumulate: bool = False) -> torch.Tensor:
     """out[t, i] = lora_a[slot(t), i] @ x[t] (fp32), one launch for all slots and slices; twin: lora_shrink_torch.
 
     x: [T, K]; lora_a: [S, n, R, K] in x's dtype; out: fp32 [T, n, R], zeroed first (rows without an adapter
-    stay zero).
+    stay zero). accumulate=True adds into out instead, so a caller can zero the buffers of every projection
+    of a step in one memset rather than one per launch (each costs about as much as a launch).
     """
     _require_triton()
     num_tokens, k = x.shape
@@ -154,7 +162,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, out:
     if out.shape != (num_tokens, n, rank) or out.dtype != torch.float32:
         raise ValueError(f"out must be fp32 {(num_tokens, n, rank)}, got {out.dtype} {tuple(out.shape)}")
     _check_meta(meta, num_tokens, num_slots)
-    out.zero_()
+    if not accumulate:
+        out.zero_()
     if num_tokens == 0 or num_slots == 0:
         return out
     cfg = config or shrink_config(num_tokens, num_slots, k, n * rank)
@@ -163,8 +172,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, out:
         x, lora_a, out, meta.sorted_tokens, meta.counts, meta.starts, num_slots, k, rank, n * rank,
         x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         BLOCK_S=_pow2_at_least(num_slots), BLOCK_M=cfg.block_m, BLOCK_J=cfg.block_n, BLOCK_K=cfg.block_k,
-        SPLIT_K=cfg.split_k, EVEN_K=k % (cfg.block_k * cfg.split_k) == 0, EVEN_J=(n * rank) % cfg.block_n == 0,
-        IN_FP32=_in_fp32(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT_K=cfg.split_k, ATOMIC=accumulate or cfg.split_k > 1, EVEN_K=k % (cfg.block_k * cfg.split_k) == 0,
+        EVEN_J=(n * rank) % cfg.block_n == 0, IN_FP32=_in_fp32(x.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
 
 
@@ -187,15 +197,14 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchMeta, of
     _check_meta(meta, num_tokens, num_slots)
     if num_tokens == 0 or num_slots == 0 or offsets[-1] == offsets[0]:
         return y
-    block_n = (config or expand_config(num_tokens, num_slots, 1, rank)).block_n
-    col_tiles = sum(triton.cdiv(hi - lo, block_n) for lo, hi in zip(offsets[:-1], offsets[1:]))
-    cfg = config or expand_config(num_tokens, num_slots, col_tiles, rank)
-    split_n = min(cfg.split_n, col_tiles)
+    cfg = config or expand_config(num_tokens, num_slots, offsets, rank)
+    col_tiles = _col_tiles(offsets, cfg.block_n)
+    tiles_per_program = triton.cdiv(col_tiles, min(cfg.split_n, col_tiles))
     bounds = offsets + (offsets[-1],) * (MAX_SLICES + 1 - len(offsets))
-    grid = (max_token_tiles(num_tokens, num_slots, cfg.block_m), split_n)
+    grid = (max_token_tiles(num_tokens, num_slots, cfg.block_m), triton.cdiv(col_tiles, tiles_per_program))
     _expand_kernel[grid](
         buf, lora_b, y, meta.sorted_tokens, meta.counts, meta.starts, num_slots, rank, col_tiles,
-        triton.cdiv(col_tiles, split_n), *bounds, *buf.stride(), *lora_b.stride(), *y.stride(),
+        tiles_per_program, *bounds, *buf.stride(), *lora_b.stride(), *y.stride(),
         BLOCK_S=_pow2_at_least(num_slots), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_R=_pow2_at_least(rank), PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -203,9 +212,11 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchMeta, of
 
 
 def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchMeta,
-               offsets: list[int] | tuple[int, ...], buf: torch.Tensor) -> torch.Tensor:
-    """Add every token's adapter delta of a (merged) projection to its base output y: shrink, then expand."""
-    lora_shrink(x, lora_a, meta, buf)
+               offsets: list[int] | tuple[int, ...], buf: torch.Tensor, buf_is_zero: bool = False) -> torch.Tensor:
+    """Add every token's adapter delta of a (merged) projection to its base output y: shrink, then expand.
+
+    buf_is_zero: the caller zeroed buf already (see lora_shrink's accumulate)."""
+    lora_shrink(x, lora_a, meta, buf, accumulate=buf_is_zero)
     return lora_expand(buf, lora_b, meta, offsets, y)
 
 
@@ -239,9 +250,11 @@ if triton is not None:
     def _shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_ptr, counts_ptr, starts_ptr, S, K, R, NR,
                        sx_t, sx_k, sa_s, sa_i, sa_r, sa_k, so_t, so_i, so_r,
                        BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_J: tl.constexpr, IN_FP32: tl.constexpr):
+                       SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_J: tl.constexpr,
+                       IN_FP32: tl.constexpr):
         """One tile of one slot's tokens times that slot's A, all slices at once: output j = (slice j // R,
-        rank j % R); with SPLIT_K > 1 each program adds one K range's partial sums atomically."""
+        rank j % R); with SPLIT_K > 1 each program adds one K range's partial sums atomically (fp32: the order
+        of the adds may change the last bits)."""
         pid_k = tl.program_id(0) % SPLIT_K
         slot, rows, m_mask = _token_tile(tl.program_id(0) // SPLIT_K, sorted_ptr, counts_ptr, starts_ptr, S,
                                          BLOCK_S, BLOCK_M)
@@ -275,10 +288,10 @@ if triton is not None:
             a_ptrs += step * sa_k
         out_ptrs = out_ptr + rows[:, None] * so_t + (part * so_i + rank * so_r)[None, :]
         mask = m_mask[:, None] & j_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc, mask=mask)
-        else:
+        if ATOMIC:
             tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(out_ptrs, acc, mask=mask)
 
     @triton.jit
     def _expand_kernel(buf_ptr, b_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr, S, R, COL_TILES, TILES_PER_PROG,

@@ -120,15 +120,29 @@ def test_shrink_tilings_agree(config):
     close(buf, lora_shrink_torch(x, a, token_lora), torch.float32)
 
 
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_shrink_accumulate_adds_to_the_buffer(split_k):
+    """accumulate=True (buffers zeroed once per step by the caller) adds each row's product, others kept."""
+    gen = torch.Generator().manual_seed(7)
+    token_lora = torch.tensor([1, -1, 0, 1], dtype=torch.int32, device=DEVICE)
+    a, _, _ = adapters((16, 16, 16), [16, 8], 32, torch.float32, gen)
+    x = rand(4, 32, dtype=torch.float32, gen=gen)
+    before = rand(4, 3, 16, dtype=torch.float32, gen=gen)
+    buf = lora_shrink(x, a, lora_batch_meta(token_lora, 2), before.clone(),
+                      LoRAKernelConfig(block_k=16, split_k=split_k), accumulate=True)
+    close(buf, before + lora_shrink_torch(x, a, token_lora), torch.float32)
+    assert torch.equal(buf[1], before[1])
+
+
 @pytest.mark.parametrize("split_n", [1, 3, 100])
 def test_expand_column_tiles_over_slices(split_n):
-    """Column tiles narrower than the slices, a partial last tile per slice, several tiles per program and
-    several token tiles per slot write exactly their columns."""
+    """Four slices, column tiles narrower than the slices, a partial last tile per slice, several tiles per
+    program and several token tiles per slot write exactly their columns."""
     gen = torch.Generator().manual_seed(4)
     slots = [1, 0, 1, -1] + [1] * 16
     token_lora = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
-    _, b, offsets = adapters((50, 18, 30), [8, 16], 8, torch.float32, gen)
-    buf = rand(len(slots), 3, 16, dtype=torch.float32, gen=gen)
+    _, b, offsets = adapters((50, 18, 30, 9), [8, 16], 8, torch.float32, gen)
+    buf = rand(len(slots), 4, 16, dtype=torch.float32, gen=gen)
     y0 = rand(len(slots), offsets[-1], dtype=torch.float32, gen=gen)
     y = lora_expand(buf, b, lora_batch_meta(token_lora, 2), offsets, y0.clone(),
                     LoRAKernelConfig(block_m=16, block_n=16, split_n=split_n))
@@ -194,7 +208,8 @@ def test_meta_and_kernels_replay_in_a_cuda_graph():
 
     def step() -> None:
         y.copy_(y0)
-        lora_apply(x, y, a, b, fill_lora_batch_meta(token_lora, buffers), offsets, buf)
+        buf.zero_()   # as a step would zero all its projections' buffers at once
+        lora_apply(x, y, a, b, fill_lora_batch_meta(token_lora, buffers), offsets, buf, buf_is_zero=True)
 
     step()   # compiles the kernels outside the capture
     stream = torch.cuda.Stream()
