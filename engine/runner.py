@@ -93,6 +93,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.token_lora = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(n, dtype=torch.long, device=dev)    # logits rows: static, as graphs need
         self.host = {name: torch.zeros(buf.shape, dtype=buf.dtype, pin_memory=True) for name, buf in
                      (("ids", self.ids), ("positions", self.positions), ("slots", self.slots),
                       ("seq_lens", self.seq_lens), ("tables", self.tables), ("token_lora", self.token_lora))}
@@ -109,7 +110,7 @@ class DecodeGraphs:
         attn = AttentionMetadata(self.slots[:bs], self.query_start[:bs + 1], self.seq_lens[:bs], self.tables[:bs],
                                  1, self.max_model_len, kv_splits(bs, self.model.cfg.num_kv_heads))
         lora = LoRABatch(self.token_lora[:bs], with_lora, self.loras.max_loras)
-        return ForwardBatch(self.ids[:bs], self.positions[:bs], attn, lora, self.query_start[:bs].long())
+        return ForwardBatch(self.ids[:bs], self.positions[:bs], attn, lora, self.rows[:bs])
 
     @torch.no_grad()
     def _capture(self, bs: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from coserve.engine.sequence import Sequence
-from coserve.kernels.sampling import GREEDY_BELOW, sample_batch
+from coserve.kernels import fused_ops
+from coserve.kernels.sampling import GREEDY_BELOW, sample_batch, sample_batch_fused
 
 
 class Sampler:
@@ -24,7 +25,8 @@ class Sampler:
         f32 = torch.tensor([temperature, top_p], dtype=torch.float32).to(dev, non_blocking=True)
         i64 = torch.tensor([top_k, [s.sample_seed for s in seqs], [len(s.output_ids) for s in seqs]],
                            dtype=torch.int64).to(dev, non_blocking=True)
-        out = sample_batch(logits, f32[0], i64[0], f32[1], i64[1], i64[2], any_random=any(random_rows),
+        fn = sample_batch_fused if logits.is_cuda and fused_ops.AVAILABLE else sample_batch
+        out = fn(logits, f32[0], i64[0], f32[1], i64[1], i64[2], any_random=any(random_rows),
                            any_top_k=any(k > 1 for k, r in zip(top_k, random_rows) if r),
                            any_top_p=any(p < 1.0 for p, r in zip(top_p, random_rows) if r))
         host = torch.stack([out.tokens.double(), out.logprobs.double(), out.bad.double()]).cpu()
