@@ -11,6 +11,7 @@ caching's TTFT speedup, and the "summary" object issue 10 names.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -286,6 +287,7 @@ def bench_shape(name: str, shape: dict, work: Path, device: str, ceil: dict, ful
                              "over_base_throughput": base / lora}
         res["prefix_cache"] = prefix_cache_speedup(engine, 32 if small else 2000)
     del engine
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     res["hf_b1_ms"] = hf_generate_ms(model_dir, shape, 1, *b1, device)
