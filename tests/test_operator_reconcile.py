@@ -11,6 +11,7 @@ import pytest
 
 from coserve.operator.conditions import status_diff
 from coserve.operator.engine_client import EngineClient
+from coserve.operator.handlers import serve_endpoint
 from coserve.operator.reconcile import (PoolView, reconcile_endpoint, reconcile_job, release_endpoint,
                                         release_job)
 from argocd_health import argocd_health
@@ -226,3 +227,41 @@ def test_active_deadline_stops_the_job_after_a_checkpoint(engines):
     assert status["phase"] == "Failed" and cond(status, "Failed")["reason"] == "DeadlineExceeded"
     assert status["checkpoints"] and status["checkpoints"][-1]["loss"] > 0
     assert "DeadlineExceeded" in [e[1] for e in events]
+
+
+def byo_pool(procs) -> dict:
+    return {"metadata": {"name": "pool", "namespace": "ns"},
+            "spec": {"model": {"path": "m"}, "engines": [{"name": f"e{i}", "url": p.url} for i, p in enumerate(procs)]}}
+
+
+def test_an_endpoint_following_a_job_without_a_checkpoint_waits_with_a_status_and_one_event(engines):
+    """Issue 9: on a pool whose engines get no Service (loopback), this pass raised KeyError: 'url'."""
+    body = endpoint("follow", 1, {"fromFinetuneJob": {"name": "teach", "checkpoint": "latest"}})
+    body["metadata"]["uid"] = "uid-follow"
+    status, events = run(serve_endpoint(body, byo_pool(engines), pool_of(engines), {"phase": "Running"}))
+    assert status["url"] == "" and status["readyReplicasText"] == "0/1"
+    assert cond(status, "Ready")["reason"] == "WaitingForAdapter"
+    assert events == [("Normal", "WaitingForAdapter", "the job has no checkpoint yet")]
+    assert health(body, status) == "Progressing"
+
+
+def test_status_fields_that_are_missing_or_malformed_are_not_trusted(engines):
+    """Status written by hand or by an older operator: entries lacking their keys are placed again, never a
+    KeyError (which would stop the object's reconciliation)."""
+    pool = pool_of(engines)
+    body = endpoint("odd", 1, {"path": "adapters/qv"})
+    body["metadata"]["uid"] = "uid-odd"
+    body["status"] = {"placements": [{"url": "http://gone"}, "junk"], "conditions": [{"type": "Ready"}]}
+    status, _ = run(serve_endpoint(body, byo_pool(engines), pool, None))
+    assert status["readyReplicas"] == 1 and status["url"].endswith("/v1")
+    run(release_endpoint({**body, "status": status}, pool))
+    follower = endpoint("odd-follow", 1, {"fromFinetuneJob": {"name": "j", "checkpoint": "latest"}})
+    waiting, _ = run(reconcile_endpoint(follower, pool, {"checkpoints": [{"step": 3}, None]}))
+    assert cond(waiting, "Ready")["reason"] == "WaitingForAdapter"
+    body = job("odd-job")
+    body["status"] = {"phase": "Running", "placement": {"engine": "e0"}, "checkpoints": [{"step": 3}],
+                      "startTime": "yesterday"}
+    status, events = run(reconcile_job(body, pool))
+    assert status["phase"] == "Running" and status["placement"]["engineJobId"]
+    assert status["checkpoints"] == [] and "Placed" in [e[1] for e in events]
+    run(release_job({**body, "status": status}, pool))
