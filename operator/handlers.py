@@ -23,6 +23,7 @@ from coserve.operator.settings import OperatorSettings
 GROUP, VERSION = kube.GROUP, kube.VERSION
 SETTINGS = OperatorSettings()
 LOOPS = loops.Loops()
+STOP_SECONDS = SETTINGS.engine_timeout_seconds   # a loop stopped mid-pass is cancelled; kopf waits this long
 _routed: dict[str, tuple[str, float]] = {}   # endpoint uid -> (its Service and slices as last applied, when)
 _children: dict[str, tuple[int | None, float]] = {}   # pool uid -> (generation of its objects as applied, when)
 
@@ -109,7 +110,7 @@ async def released(plural: str, body: kopf.Body, retry: int, logger: kopf.Logger
 
 # ---- CoServingPool ------------------------------------------------------------------------------------------
 
-@kopf.daemon(GROUP, VERSION, "coservingpools")
+@kopf.daemon(GROUP, VERSION, "coservingpools", cancellation_timeout=STOP_SECONDS)
 async def pool_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_) -> None:
     await reconcile_loop("coservingpools", body, stopped, logger, pool_pass)
 
@@ -179,7 +180,7 @@ async def pool_deleted(body: kopf.Body, namespace: str, name: str, logger: kopf.
 
 # ---- InferenceEndpoint --------------------------------------------------------------------------------------
 
-@kopf.daemon(GROUP, VERSION, "inferenceendpoints")
+@kopf.daemon(GROUP, VERSION, "inferenceendpoints", cancellation_timeout=STOP_SECONDS)
 async def endpoint_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_) -> None:
     await reconcile_loop("inferenceendpoints", body, stopped, logger, endpoint_pass)
 
@@ -251,7 +252,7 @@ async def endpoint_deleted(body: kopf.Body, retry: int, logger: kopf.Logger, **_
 
 # ---- FinetuneJob --------------------------------------------------------------------------------------------
 
-@kopf.daemon(GROUP, VERSION, "finetunejobs")
+@kopf.daemon(GROUP, VERSION, "finetunejobs", cancellation_timeout=STOP_SECONDS)
 async def job_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_) -> None:
     await reconcile_loop("finetunejobs", body, stopped, logger, job_pass)
 
