@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from coserve.operator.conditions import status_diff
-from coserve.operator.engine_client import EngineClient
+from coserve.operator.engine_client import EngineClient, EngineRejected
 from coserve.operator.handlers import serve_endpoint
 from coserve.operator.reconcile import (PoolView, reconcile_endpoint, reconcile_job, release_endpoint,
                                         release_job)
@@ -265,3 +265,33 @@ def test_status_fields_that_are_missing_or_malformed_are_not_trusted(engines):
     assert status["phase"] == "Running" and status["placement"]["engineJobId"]
     assert status["checkpoints"] == [] and "Placed" in [e[1] for e in events]
     run(release_job({**body, "status": status}, pool))
+
+
+def test_a_pool_listing_something_that_is_not_an_engine_is_refused_not_a_crash(tmp_path):
+    """A careless pool: its URL answers 200 with a list, or with HTML. The engine is not ready; nothing raises."""
+    import http.server
+    import threading
+
+    class NotAnEngine(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"[]" if "capacity" in self.path else b"<html>hello</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotAnEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        pool = PoolView("ns", "pool", {"odd": url}, EngineClient(TOKEN, 3.0))
+        assert run(pool.capacities()) == {"odd": None}
+        status, _ = run(reconcile_endpoint(endpoint("e", 1, None), pool, None))
+        assert cond(status, "Ready")["reason"] == "NoCapacity"
+        with pytest.raises(EngineRejected, match="not a JSON object"):
+            run(pool.client.get_adapter(url, "x"))
+    finally:
+        server.shutdown()
