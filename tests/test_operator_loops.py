@@ -143,3 +143,19 @@ def test_an_unchanged_job_or_spec_wakes_nothing():
 def test_merge_patch_removes_fields_and_keeps_unchanged_ones_out():
     assert loops.changes({"a": 1, "b": 2, "gone": 3}, {"a": 1, "b": 5}) == {"b": 5, "gone": None}
     assert loops.stored({"placement": None, "phase": "Pending"}) == {"phase": "Pending"}
+
+
+def test_argo_cd_reads_a_failing_operator_pass_as_degraded_and_recovery_as_before():
+    from argocd_health import argocd_health
+
+    ready = set_condition([], "Ready", True, "Serving", "1/1 replicas serving", 1)
+    for kind, status in (("InferenceEndpoint", {"observedGeneration": 1, "conditions": ready}),
+                         ("CoServingPool", {"observedGeneration": 1, "conditions": ready}),
+                         ("FinetuneJob", {"observedGeneration": 1, "phase": "Succeeded"})):
+        obj = {**body(), "kind": kind, "status": status}
+        assert argocd_health(kind, obj)["status"] == "Healthy"
+        failed, _ = loops.failed_pass(status, 1, KeyError("url"))
+        health = argocd_health(kind, {**obj, "status": failed})
+        assert health == {"status": "Degraded", "message": "ReconcileError: KeyError: 'url'"}, kind
+        again, _ = loops.recovered(failed, 1, [])
+        assert argocd_health(kind, {**obj, "status": again})["status"] == "Healthy", kind
