@@ -30,7 +30,9 @@ _children: dict[str, tuple[int | None, float]] = {}   # pool uid -> (generation 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
-    """Progress in annotations (status is schema-pruned), Events only for what we post ourselves."""
+    """Progress in annotations (status is schema-pruned), Events only for what we post ourselves, and no log line
+    per engine request (each loop polls its engines every few seconds)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="coserve.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="coserve.dev")
     settings.posting.level = logging.ERROR
