@@ -260,10 +260,11 @@ async def job_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-def job_seen(body: kopf.Body, **_) -> None:
-    """A spec change wakes the job's loop; a new checkpoint or phase wakes the endpoints following it."""
+def job_seen(body: kopf.Body, type: str | None, **_) -> None:
+    """A spec change wakes the job's loop; a new checkpoint or phase, or its deletion, wakes the endpoints
+    following it."""
     LOOPS.spec_seen("finetunejobs", body)
-    LOOPS.job_seen(body)
+    LOOPS.job_seen(body, gone=type == "DELETED")
 
 
 async def job_pass(body: dict) -> tuple[dict, list[Event]]:

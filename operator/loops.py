@@ -60,14 +60,17 @@ class Loops:
         if loop is not None and loop.generation != meta.get("generation"):
             loop.wake.set()
 
-    def job_seen(self, body: Mapping) -> None:
-        """Wake the endpoints following this job when its checkpoints or phase changed."""
+    def job_seen(self, body: Mapping, gone: bool = False) -> None:
+        """Wake the endpoints following this job when its checkpoints or phase changed, or it is gone."""
         meta, status = body.get("metadata") or {}, body.get("status") or {}
         namespace, name = meta.get("namespace"), meta.get("name")
         mark = (status.get("latestCheckpoint"), status.get("phase"), meta.get("deletionTimestamp"))
-        if self.job_marks.get((namespace, name)) == mark:
+        if gone:
+            self.job_marks.pop((namespace, name), None)
+        elif self.job_marks.get((namespace, name)) == mark:
             return
-        self.job_marks[(namespace, name)] = mark
+        else:
+            self.job_marks[(namespace, name)] = mark
         for loop in self.running.values():
             if loop.plural == "inferenceendpoints" and loop.namespace == namespace and loop.follows == name:
                 loop.wake.set()

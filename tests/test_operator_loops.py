@@ -138,6 +138,9 @@ def test_an_unchanged_job_or_spec_wakes_nothing():
     assert not follower.wake.is_set()
     registry.spec_seen("inferenceendpoints", {"metadata": {"namespace": "ns", "name": "ep", "generation": 2}})
     assert follower.wake.is_set()
+    follower.wake.clear()
+    registry.job_seen(job, gone=True)   # deleted: its followers learn it at once, and it is forgotten
+    assert follower.wake.is_set() and registry.job_marks == {}
 
 
 def test_merge_patch_removes_fields_and_keeps_unchanged_ones_out():
