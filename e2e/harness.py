@@ -203,9 +203,18 @@ def chart_rbac(release: str, namespace: str) -> str:
 
 
 def install_crds(kubeconfig: str | Path) -> None:
+    """The CRDs applied and servable: Established, and their storage answering a list (right after that
+    condition the API server can still answer 429 "storage is (re)initializing", which an operator started
+    then would log as an error)."""
     kubectl(kubeconfig, "apply", "--server-side", "-f", "crds/")
     kubectl(kubeconfig, "wait", "--for", "condition=Established", "--timeout", "60s",
             "crd/coservingpools.coserve.dev", "crd/inferenceendpoints.coserve.dev", "crd/finetunejobs.coserve.dev")
+    deadline = time.monotonic() + 60
+    while kubectl(kubeconfig, "get", "coservingpools,inferenceendpoints,finetunejobs,kopfpeerings", "-A",
+                  check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the coserve kinds are Established but cannot be listed after 60 s")
+        time.sleep(0.5)
 
 
 def operator_kubeconfig(plane: ControlPlane, path: Path) -> Path:

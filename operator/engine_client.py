@@ -34,9 +34,15 @@ class EngineClient:
             try:
                 err = r.json()["error"]
                 raise EngineRejected(r.status_code, err.get("message", r.text), err.get("param"))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise EngineRejected(r.status_code, r.text[:500]) from None
-        return r.json()
+        try:
+            answer = r.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):   # not a coserve engine (a wrong URL in the pool): refused, not a crash
+            raise EngineRejected(r.status_code, f"{method} {url}: the answer is not a JSON object: {r.text[:200]!r}")
+        return answer
 
     async def capacity(self, base: str) -> dict:
         return await self._call("GET", f"{base}/admin/capacity")

@@ -100,3 +100,16 @@ async def apply(namespace: str, manifests: list[dict], prune_slices: dict[str, s
             if s.metadata.name not in keep:
                 discovery.delete_namespaced_endpoint_slice(s.metadata.name, namespace)
     await asyncio.to_thread(call)
+
+
+async def patch_status(namespace: str, plural: str, name: str, patch: dict) -> None:
+    """Merge-patch the object's status subresource (None removes a field); a deleted object is left alone."""
+    def call() -> None:
+        try:
+            kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, {"status": patch},
+                _content_type="application/merge-patch+json")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    await asyncio.to_thread(call)

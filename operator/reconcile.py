@@ -53,7 +53,7 @@ def endpoint_adapter_path(spec: dict, job_status: dict | None) -> tuple[str | No
     ref = adapter["fromFinetuneJob"]
     if job_status is None:
         return None, f"FinetuneJob {ref['name']!r} does not exist"
-    checkpoints = job_status.get("checkpoints") or []
+    checkpoints = [c for c in job_status.get("checkpoints") or [] if isinstance(c, dict) and c.get("path")]
     which = str(ref.get("checkpoint", "latest"))
     if which == "latest":
         return (checkpoints[-1]["path"], None) if checkpoints else (None, "the job has no checkpoint yet")
@@ -61,7 +61,7 @@ def endpoint_adapter_path(spec: dict, job_status: dict | None) -> tuple[str | No
         if job_status.get("phase") != "Succeeded":
             return None, "the job has not finished"
         return checkpoints[-1]["path"], None
-    match = [c for c in checkpoints if str(c["step"]) == which]
+    match = [c for c in checkpoints if str(c.get("step")) == which]
     return (match[0]["path"], None) if match else (None, f"the job has no checkpoint at step {which}")
 
 
@@ -81,12 +81,15 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
     conditions = status.get("conditions") or []
     if spec.get("adapter") and path is None:
         conditions = set_condition(conditions, "Ready", False, "WaitingForAdapter", waiting, generation)
+        events.append(("Normal", "WaitingForAdapter", waiting))
         return {"observedGeneration": generation, "conditions": conditions, "readyReplicas": 0,
-                "readyReplicasText": f"0/{replicas}", "model": name}, events
+                "readyReplicasText": f"0/{replicas}", "model": name, "url": status.get("url") or ""}, events
     async with pool.lock():
         caps = await pool.capacities()
         placements: list[dict] = []
         for p in status.get("placements") or []:
+            if not isinstance(p, dict) or p.get("engine") not in pool.engines:
+                continue   # an engine the pool no longer lists, or a malformed entry: placed again below
             if caps.get(p["engine"]) is None:
                 events.append(("Warning", "EngineLost", f"engine {p['engine']} stopped answering; re-placing"))
                 status["lastFailure"] = {"engine": p["engine"], "time": now_iso(), "message": "engine not answering"}
@@ -115,7 +118,8 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
                 status["lastFailure"] = {"engine": p["engine"], "time": now_iso(), "message": p.get("lastError", "")}
     placements.sort(key=lambda p: p["engine"])   # a stable order, so an unchanged state writes nothing
     if path is None:   # the base model answers to the engines' own name for it
-        name = next((caps[p["engine"]]["model"] for p in placements if caps.get(p["engine"])), name)
+        name = next((caps[p["engine"]]["model"] for p in placements
+                     if (caps.get(p["engine"]) or {}).get("model")), name)
     ready = sum(p["state"] == "Loaded" for p in placements)
     loaded = [p for p in placements if p["state"] == "Loaded"]
     url = loaded[0]["url"] + "/v1" if loaded else ""   # the handler puts the endpoint's Service URL here
@@ -128,7 +132,8 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
                                    f"{ready}/{replicas} replicas serving {name}", generation)
     else:
         reason = "AdapterLoadFailed" if failed else ("NoCapacity" if len(placements) < replicas else "Loading")
-        message = failed[0].get("lastError", "") if failed else f"{ready}/{replicas} replicas serving"
+        message = (f"engine {failed[0]['engine']}: {failed[0].get('lastError', '')}" if failed
+                   else f"{ready}/{replicas} replicas serving")
         conditions = set_condition(conditions, "Ready", False, reason, message, generation)
     out = {"observedGeneration": generation, "url": url, "model": name, "adapterPath": path or "",
            "readyReplicas": ready, "readyReplicasText": f"{ready}/{replicas}", "placements": placements,
@@ -194,7 +199,7 @@ async def release_endpoint(body: dict, pool: PoolView) -> tuple[list[Event], lis
     unreached = []
     if spec.get("adapter"):
         for p in status.get("placements") or []:
-            if p["engine"] in pool.engines and not await _unload(pool, p["engine"], name):
+            if isinstance(p, dict) and p.get("engine") in pool.engines and not await _unload(pool, p["engine"], name):
                 unreached.append(p["engine"])
     if unreached:
         return [("Warning", "ReleaseIncomplete", f"engines {', '.join(unreached)} did not answer; they may still "
@@ -231,9 +236,13 @@ def engine_job_body(body: dict, job_id: str, resume_from: str | None) -> dict:
 
 
 def _merge_checkpoints(old: list[dict], new: list[dict]) -> list[dict]:
-    by_step = {c["step"]: c for c in old}
+    """The status's checkpoints with the engine's new ones, by step; entries without a step and path (a
+    status edited by hand, an engine of another version) are dropped rather than trusted."""
+    by_step = {c["step"]: c for c in old if isinstance(c, dict) and isinstance(c.get("step"), int) and c.get("path")}
     for c in new:
-        by_step[c["step"]] = {"step": c["step"], "path": c["path"], "sha256": c["sha256"],
+        if not isinstance(c.get("step"), int) or not c.get("path"):
+            continue
+        by_step[c["step"]] = {"step": c["step"], "path": c["path"], "sha256": c.get("sha256") or "",
                               "createdAt": c.get("createdAt") or _iso(c.get("time"))}
         if c.get("loss") is not None:
             by_step[c["step"]]["loss"] = round(c["loss"], 6)
@@ -241,7 +250,11 @@ def _merge_checkpoints(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def _age(iso: str) -> float:
-    started = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    """Seconds since `iso`; 0 for a timestamp that does not parse (the deadline then counts from now on)."""
+    try:
+        started = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    except (TypeError, ValueError):
+        return 0.0
     return (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
 
 
@@ -252,12 +265,12 @@ def _iso(ts: float | None) -> str:
 
 
 def _progress_fields(progress: dict, status: dict, events: list[Event]) -> dict:
-    old = status.get("checkpoints") or []
-    checkpoints = _merge_checkpoints(old, progress.get("checkpoints") or [])
+    old = _merge_checkpoints(status.get("checkpoints") or [], [])
+    checkpoints = _merge_checkpoints(old, [c for c in progress.get("checkpoints") or [] if isinstance(c, dict)])
     for c in checkpoints:
         if c["step"] not in {o["step"] for o in old}:
             events.append(("Normal", "CheckpointWritten", f"step {c['step']}: {c['path']}"))
-    step, total = progress["step"], max(1, progress["total_steps"])
+    step, total = int(progress.get("step") or 0), max(1, int(progress.get("total_steps") or 0))
     rate = progress.get("tokens_per_s") or 0.0
     metrics = [{"name": "loss", "value": f"{progress['loss']:.6g}" if progress.get("loss") is not None else ""},
                {"name": "tokensPerSecond", "value": f"{rate:.1f}"},
@@ -293,7 +306,7 @@ async def _reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]
     out: dict = {"observedGeneration": generation}
     if phase in ("Succeeded", "Failed"):
         return out, events
-    placement = status.get("placement")
+    placement = _placement(status.get("placement"))
     if spec.get("suspend"):
         if placement:
             try:
@@ -327,11 +340,11 @@ async def _reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]
             events.append(("Warning", "EngineLost", f"engine {placement['engine']} lost the job ({exc}); re-placing "
                            "from the last checkpoint"))
             out["lastFailure"] = {"engine": placement["engine"], "time": now_iso(), "message": str(exc)[:500]}
-        if progress is not None and progress["state"] != "cancelled":
+        if progress is not None and progress.get("state") != "cancelled":
             out.update(_progress_fields(progress, status, events))
-            state = progress["state"]
+            state = progress.get("state")
             if state == "succeeded":
-                events.append(("Normal", "Completed", f"trained {progress['step']} steps"))
+                events.append(("Normal", "Completed", f"trained {out['progress']['currentStep']} steps"))
                 out.update(phase="Succeeded", completionTime=now_iso(), conditions=set_condition(
                     set_condition(conditions, "Progressing", False, "Completed", "training finished", generation),
                     "Succeeded", True, "Completed", out.get("latestCheckpoint", ""), generation))
@@ -341,8 +354,8 @@ async def _reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]
                     conditions, "Failed", True, "TrainingFailed", progress.get("error") or "", generation))
             else:
                 out.update(phase="Running", conditions=set_condition(
-                    conditions, "Progressing", True, "Training", f"step {progress['step']}/"
-                    f"{progress['total_steps']} on {placement['engine']}", generation))
+                    conditions, "Progressing", True, "Training", f"step {out['stepText']} on "
+                    f"{placement['engine']}", generation))
             return out, events
         status.update({k: v for k, v in out.items() if k != "observedGeneration"})
     return await _place_job(body, status, pool, out, events)
@@ -361,9 +374,10 @@ async def _place_job(body: dict, status: dict, pool: PoolView, out: dict,
         adopted = await _find_job(pool, caps, job_id)
         engine = adopted or pick_job_engine(caps)
         if engine is None:
-            events.append(("Warning", "NoCapacity", "no engine of the pool has a free finetuning slot"))
+            why = "no engine of the pool has a free finetuning slot"
+            events.append(("Warning", "NoCapacity", why))
             out.update(phase="Pending", placement=None, conditions=set_condition(
-                conditions, "Placed", False, "NoCapacity", "waiting for a free finetuning slot", generation))
+                conditions, "Placed", False, "NoCapacity", why, generation))
             return out, events
         url = pool.engines[engine]
         try:
@@ -394,6 +408,14 @@ async def _place_job(body: dict, status: dict, pool: PoolView, out: dict,
     return out, events
 
 
+def _placement(placement: object) -> dict | None:
+    """The job's placement from status when it names an engine, its URL and the engine job; else None (placed
+    again, adopting the engine job if it runs)."""
+    if not isinstance(placement, dict) or not all(placement.get(k) for k in ("engine", "url", "engineJobId")):
+        return None
+    return placement
+
+
 async def _find_job(pool: PoolView, caps: dict[str, dict | None], job_id: str) -> str | None:
     """The engine already running this attempt, if any: placing twice (a handler that saw a stale status, an
     operator restarted mid-placement) adopts it instead of starting a second job."""
@@ -404,7 +426,7 @@ async def _find_job(pool: PoolView, caps: dict[str, dict | None], job_id: str) -
             found = await pool.client.get_job(pool.engines[engine], job_id)
         except (EngineUnavailable, EngineRejected):
             continue
-        if found.get("state") in ("queued", "running", "succeeded"):
+        if (found or {}).get("state") in ("queued", "running", "succeeded"):
             return engine
     return None
 
@@ -412,7 +434,7 @@ async def _find_job(pool: PoolView, caps: dict[str, dict | None], job_id: str) -
 async def release_job(body: dict, pool: PoolView) -> tuple[list[Event], list[str]]:
     """On deletion: cancel the engine job (checkpoints stay on the storage). Returns the Events and the engine
     that did not answer, if any."""
-    placement = (body.get("status") or {}).get("placement")
+    placement = _placement((body.get("status") or {}).get("placement"))
     if placement:
         try:
             await pool.client.cancel_job(placement["url"], placement["engineJobId"])

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from coserve.operator.conditions import status_diff
-from coserve.operator.engine_client import EngineClient
+from coserve.operator.engine_client import EngineClient, EngineRejected
+from coserve.operator.handlers import serve_endpoint
 from coserve.operator.reconcile import (PoolView, reconcile_endpoint, reconcile_job, release_endpoint,
                                         release_job)
 from argocd_health import argocd_health
@@ -226,3 +227,71 @@ def test_active_deadline_stops_the_job_after_a_checkpoint(engines):
     assert status["phase"] == "Failed" and cond(status, "Failed")["reason"] == "DeadlineExceeded"
     assert status["checkpoints"] and status["checkpoints"][-1]["loss"] > 0
     assert "DeadlineExceeded" in [e[1] for e in events]
+
+
+def byo_pool(procs) -> dict:
+    return {"metadata": {"name": "pool", "namespace": "ns"},
+            "spec": {"model": {"path": "m"}, "engines": [{"name": f"e{i}", "url": p.url} for i, p in enumerate(procs)]}}
+
+
+def test_an_endpoint_following_a_job_without_a_checkpoint_waits_with_a_status_and_one_event(engines):
+    """Issue 9: on a pool whose engines get no Service (loopback), this pass raised KeyError: 'url'."""
+    body = endpoint("follow", 1, {"fromFinetuneJob": {"name": "teach", "checkpoint": "latest"}})
+    body["metadata"]["uid"] = "uid-follow"
+    status, events = run(serve_endpoint(body, byo_pool(engines), pool_of(engines), {"phase": "Running"}))
+    assert status["url"] == "" and status["readyReplicasText"] == "0/1"
+    assert cond(status, "Ready")["reason"] == "WaitingForAdapter"
+    assert events == [("Normal", "WaitingForAdapter", "the job has no checkpoint yet")]
+    assert health(body, status) == "Progressing"
+
+
+def test_status_fields_that_are_missing_or_malformed_are_not_trusted(engines):
+    """Status written by hand or by an older operator: entries lacking their keys are placed again, never a
+    KeyError (which would stop the object's reconciliation)."""
+    pool = pool_of(engines)
+    body = endpoint("odd", 1, {"path": "adapters/qv"})
+    body["metadata"]["uid"] = "uid-odd"
+    body["status"] = {"placements": [{"url": "http://gone"}, "junk"], "conditions": [{"type": "Ready"}]}
+    status, _ = run(serve_endpoint(body, byo_pool(engines), pool, None))
+    assert status["readyReplicas"] == 1 and status["url"].endswith("/v1")
+    run(release_endpoint({**body, "status": status}, pool))
+    follower = endpoint("odd-follow", 1, {"fromFinetuneJob": {"name": "j", "checkpoint": "latest"}})
+    waiting, _ = run(reconcile_endpoint(follower, pool, {"checkpoints": [{"step": 3}, None]}))
+    assert cond(waiting, "Ready")["reason"] == "WaitingForAdapter"
+    body = job("odd-job")
+    body["status"] = {"phase": "Running", "placement": {"engine": "e0"}, "checkpoints": [{"step": 3}],
+                      "startTime": "yesterday"}
+    status, events = run(reconcile_job(body, pool))
+    assert status["phase"] == "Running" and status["placement"]["engineJobId"]
+    assert status["checkpoints"] == [] and "Placed" in [e[1] for e in events]
+    run(release_job({**body, "status": status}, pool))
+
+
+def test_a_pool_listing_something_that_is_not_an_engine_is_refused_not_a_crash(tmp_path):
+    """A careless pool: its URL answers 200 with a list, or with HTML. The engine is not ready; nothing raises."""
+    import http.server
+    import threading
+
+    class NotAnEngine(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"[]" if "capacity" in self.path else b"<html>hello</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotAnEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        pool = PoolView("ns", "pool", {"odd": url}, EngineClient(TOKEN, 3.0))
+        assert run(pool.capacities()) == {"odd": None}
+        status, _ = run(reconcile_endpoint(endpoint("e", 1, None), pool, None))
+        assert cond(status, "Ready")["reason"] == "NoCapacity"
+        with pytest.raises(EngineRejected, match="not a JSON object"):
+            run(pool.client.get_adapter(url, "x"))
+    finally:
+        server.shutdown()
