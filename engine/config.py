@@ -21,6 +21,7 @@ class EngineConfig:
     tpot_slo_ms: float = 50.0           # latency target of one iteration; finetuning fills what inference leaves
     max_finetune_jobs: int = 2          # jobs trained at once; more wait queued
     finetune_kv_reserve: float = 0.1    # fraction of KV blocks finetuning never takes
+    shutdown_grace_s: float = 20.0      # on SIGTERM/SIGINT, time allowed to checkpoint running jobs
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = None
