@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from coserve_testlib import make_engine, write_task
 from coserve.engine.cost_model import CostModel
-from coserve.engine.finetune.adapter import lora_shapes
-from coserve.engine.finetune.checkpoint import FILES, SUMS_FILE, sha256_file
+from coserve.engine.finetune.adapter import TrainAdapter, lora_shapes
+from coserve.engine.finetune.checkpoint import FILES, SUMS_FILE, NonFiniteError, save_checkpoint, sha256_file
 from coserve.engine.finetune.job import JobState
 from coserve.engine.finetune.manager import JobError, build_job
 from coserve.engine.finetune.spec import JobSpec
@@ -135,6 +135,17 @@ def test_a_non_finite_loss_fails_the_job_and_writes_nothing(trained, llama_dir):
     assert engine.loras.free_slots() == engine.loras.max_loras
     record = json.loads((root / "blows-up/job.json").read_text())
     assert record["state"] == "failed" and record["error"] == job.error and record["loss"] is None
+
+
+def test_a_non_finite_adapter_or_optimizer_state_is_never_written(trained, tmp_path):
+    _, engine, _ = trained
+    adapter = TrainAdapter(engine.model, spec("x").lora, 0)
+    optimizer = torch.optim.AdamW(adapter.parameters())
+    with torch.no_grad():
+        adapter.parameters()[1][0, 0] = float("inf")
+    with pytest.raises(NonFiniteError):
+        save_checkpoint(tmp_path, tmp_path, 3, adapter, optimizer, {"tokens": 0, "losses": [1.0] * 3}, "m")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_output_belongs_to_one_job_whatever_its_spelling(trained):

@@ -65,6 +65,17 @@ def _chat_example(tokenizer, messages: object, line: int) -> Example:
     return Example(list(enc.input_ids), labels)
 
 
+def _example(row: dict, fmt: str, tokenizer, eos: list[int], line: int) -> Example:
+    if fmt == "text":
+        ids = tokenizer(_require_str(row, "text", line), add_special_tokens=False).input_ids + eos
+        return Example(ids, list(ids))
+    if fmt == "prompt_completion":
+        p = tokenizer(_require_str(row, "prompt", line), add_special_tokens=False).input_ids
+        c = tokenizer(_require_str(row, "completion", line), add_special_tokens=False).input_ids + eos
+        return Example(p + c, [IGNORE] * len(p) + c)
+    return _chat_example(tokenizer, row.get("messages"), line)
+
+
 def read_examples(path: Path, fmt: str, tokenizer) -> list[Example]:
     """Parse and tokenise every line; raises DatasetError naming the first bad line."""
     if not path.is_file():
@@ -87,15 +98,12 @@ def read_examples(path: Path, fmt: str, tokenizer) -> list[Example]:
                 raise DatasetError(f"line {line_no}: not valid JSON ({exc.msg})") from exc
             if not isinstance(row, dict):
                 raise DatasetError(f"line {line_no}: each line must be a JSON object")
-            if fmt == "text":
-                ids = tokenizer(_require_str(row, "text", line_no), add_special_tokens=False).input_ids + eos
-                examples.append(Example(ids, list(ids)))
-            elif fmt == "prompt_completion":
-                p = tokenizer(_require_str(row, "prompt", line_no), add_special_tokens=False).input_ids
-                c = tokenizer(_require_str(row, "completion", line_no), add_special_tokens=False).input_ids + eos
-                examples.append(Example(p + c, [IGNORE] * len(p) + c))
-            else:
-                examples.append(_chat_example(tokenizer, row.get("messages"), line_no))
+            try:
+                examples.append(_example(row, fmt, tokenizer, eos, line_no))
+            except DatasetError:
+                raise
+            except Exception as exc:   # the tokenizer or chat template refused this line's content
+                raise DatasetError(f"line {line_no}: cannot be tokenised ({type(exc).__name__}: {exc})") from exc
     if not examples:
         raise DatasetError("the dataset has no examples")
     return examples

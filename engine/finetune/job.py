@@ -16,8 +16,7 @@ import torch
 
 from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.backward import SavedChunk, SequenceBackward
-from coserve.engine.finetune.checkpoint import (Checkpoint, NonFiniteError, ResumeState, all_finite, retained,
-                                                save_checkpoint)
+from coserve.engine.finetune.checkpoint import Checkpoint, ResumeState, all_finite, retained, save_checkpoint
 from coserve.engine.finetune.dataset import Example, epoch_order
 from coserve.engine.finetune.dropout import ChunkDropout
 from coserve.engine.finetune.record import RECORD_FILE, RECORD_VERSION, JobRecord, OutputLock, write_json_atomic
@@ -58,6 +57,12 @@ def lr_lambda(t: TrainingSpec, total_steps: int):
     return f
 
 
+def count_steps(t: TrainingSpec, num_sequences: int) -> int:
+    """Optimizer steps of a job: `epochs` passes over the sequences, capped by `max_steps`."""
+    per_epoch = math.ceil(num_sequences / t.sequences_per_step)
+    return min(per_epoch * t.epochs, t.max_steps or per_epoch * t.epochs)
+
+
 def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
@@ -68,10 +73,8 @@ class FinetuneJob:
                  inherited: list[Checkpoint] | None = None):
         self.spec, self.engine, self.sequences, self.output = spec, engine, sequences, output
         self.num_sequences = len(sequences)
-        t = spec.training
         self.init_modules, self.resume = init_modules, resume
-        per_epoch = math.ceil(len(sequences) / t.sequences_per_step)
-        self.total_steps = min(per_epoch * t.epochs, t.max_steps or per_epoch * t.epochs)
+        self.total_steps = count_steps(spec.training, len(sequences))
         self.state = JobState.QUEUED
         self.error: str | None = None
         self.step = resume.step if resume else 0
@@ -250,20 +253,20 @@ class FinetuneJob:
                 self._optimizer_step()
 
     def _optimizer_step(self) -> None:
-        """Apply the step's gradients, unless the loss or gradients are not finite: then the job fails, keeping
-        (and checkpointing) the adapter of the last good step; the serving slot never sees a non-finite value."""
+        """Apply the step's gradients, unless the loss, gradients or updated weights are not finite: then the job
+        fails (its checkpoints stay), and neither the serving slot nor a checkpoint ever sees such a value."""
         t = self.spec.training
         params = self.adapter.parameters()
         loss = self.step_loss / max(1, self.step_targets)
         if not math.isfinite(loss):
-            return self._fail_non_finite(f"the loss is {loss}", keep=True)
+            return self._fail_non_finite(f"the loss is {loss}")
         if not all_finite([p.grad for p in params if p.grad is not None]):
-            return self._fail_non_finite("the gradients hold NaN or infinity", keep=True)
+            return self._fail_non_finite("the gradients hold NaN or infinity")
         if t.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         self.optimizer.step()
         if not all_finite(params):
-            return self._fail_non_finite("the update made the adapter weights NaN or infinite", keep=False)
+            return self._fail_non_finite("the update made the adapter weights NaN or infinite")
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
@@ -277,15 +280,9 @@ class FinetuneJob:
         if self.step >= self.total_steps:
             self._finish(JobState.SUCCEEDED)
 
-    def _fail_non_finite(self, what: str, keep: bool) -> None:
-        error = (f"step {self.step + 1}: {what}; the job stopped (lower training.lr, set training.max_grad_norm "
-                 "or check the data)")
-        if keep and self.step > 0 and all(c.step != self.step for c in self.checkpoints):
-            try:
-                error += f"; the last good step is saved as {self.save_checkpoint(persist=False).path}"
-            except (NonFiniteError, OSError) as exc:
-                error += f"; saving the last good step failed ({exc})"
-        self.fail(error)
+    def _fail_non_finite(self, what: str) -> None:
+        self.fail(f"step {self.step + 1}: {what}; the job stopped (lower training.lr, set training.max_grad_norm "
+                  "or check the data)")
 
     def save_checkpoint(self, persist: bool = True) -> Checkpoint:
         """Write the adapter of the last finished step, apply the retention limit, and record both."""
@@ -352,6 +349,8 @@ class FinetuneJob:
 
 
 def remove_tmp_folders(output: Path) -> None:
-    """Half-written checkpoints of a process that died are never resumed from; clear them."""
+    """Half-written checkpoints and records of a process that died are never used; clear them."""
     for tmp in output.glob(".tmp-checkpoint-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in output.glob(f".{RECORD_FILE}.tmp-*"):
+        tmp.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from coserve.engine.cost_model import CostModel
 from coserve.engine.finetune.adapter import lora_shapes
 from coserve.engine.finetune.checkpoint import Checkpoint, CheckpointError, ResumeState, all_finite, verify_checkpoint
 from coserve.engine.finetune.dataset import DatasetError, read_examples, to_sequences
-from coserve.engine.finetune.job import LIVE, FinetuneJob, JobState, remove_tmp_folders
+from coserve.engine.finetune.job import LIVE, FinetuneJob, JobState, count_steps, remove_tmp_folders
 from coserve.engine.finetune.ownership import OwnershipError, check_output_free
 from coserve.engine.finetune.record import RecordError, find_records, read_record
 from coserve.engine.finetune.spec import JobSpec
@@ -123,12 +123,10 @@ def build_job(engine: "LLMEngine", spec: JobSpec) -> FinetuneJob:
                                  t.max_seq_len or room, t.packing)
     except DatasetError as exc:
         raise JobError(f"{spec.dataset.path}: {exc}", "dataset.path") from exc
-    job = FinetuneJob(spec, engine, sequences, output, init_modules)
-    if resume_dir is not None:
-        resume = verify_resume(engine, spec, resume_dir, job.total_steps)
-        job = FinetuneJob(spec, engine, sequences, output, resume=resume,
-                          inherited=_inherited(engine, output, resume))
-    return job
+    if resume_dir is None:
+        return FinetuneJob(spec, engine, sequences, output, init_modules)
+    resume = verify_resume(engine, spec, resume_dir, count_steps(t, len(sequences)))
+    return FinetuneJob(spec, engine, sequences, output, resume=resume, inherited=_inherited(engine, output, resume))
 
 
 class FinetuneManager:
@@ -226,7 +224,7 @@ class FinetuneManager:
                 continue
             try:
                 if job.state in LIVE:
-                    job.state = JobState.INTERRUPTED
+                    job.state, job.finished = JobState.INTERRUPTED, record.updated
                     last = job.checkpoints[-1].path if job.checkpoints else "the start (no checkpoint yet)"
                     job.error = (f"interrupted: the engine stopped without a clean shutdown while the job was "
                                  f"{record.state} (recorded at step {record.step}); resuming continues from {last}")
