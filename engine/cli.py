@@ -54,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace)
     try:
         _run_server(server_config, engine.finetune.request_stop)
+    except KeyboardInterrupt:   # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        return 130
     finally:
         async_engine.shutdown()
     return 0
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="latency target of one iteration (time per output token); finetuning work fills "
                             "what inference leaves of it")
     serve.add_argument("--max-finetune-jobs", type=int, default=2, help="finetuning jobs trained at once")
-    serve.add_argument("--shutdown-grace", type=float, default=20.0,
+    serve.add_argument("--shutdown-grace", type=_seconds, default=20.0,
                        help="seconds allowed on SIGTERM/SIGINT to checkpoint running finetuning jobs (and to let "
                             "open requests finish) before the process exits")
     serve.add_argument("--log-level", default="info")
@@ -148,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "come from COSERVE_* environment variables (see charts/coserve/values.yaml).")
     op.set_defaults(func=cmd_operator)
     return parser
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {value!r}")
+    return seconds
 
 
 def _cuda() -> bool:
