@@ -179,3 +179,21 @@ def test_an_output_belongs_to_one_job_whatever_its_spelling(trained):
     assert taker.state is JobState.RUNNING and [c.step for c in taker.checkpoints] == [1, 2]
     assert json.loads((root / "ft/x/job.json").read_text())["id"] == "taker"
     engine.finetune.cancel("taker")
+
+
+def test_records_are_read_back_only_from_their_own_folder_under_the_data_root(trained, tmp_path):
+    root, engine, _ = trained
+    record = (root / "kept/job.json").read_text()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "job.json").write_text(record.replace('"kept"', '"linked"'))
+    (root / "linked").symlink_to(outside)
+    (root / "moved").mkdir()
+    (root / "moved/job.json").write_text(record.replace('"id": "kept"', '"id": "copied"'))   # output: "kept"
+    (root / "corrupt").mkdir()
+    (root / "corrupt/job.json").write_text('{"id": "corrupt", "state": ')
+    restored = {j.spec.id: j for j in engine.finetune.restore()}
+    assert restored["kept"].output == root / "kept" and restored["kept"].state is JobState.SUCCEEDED
+    assert [c.step for c in restored["kept"].checkpoints] == [c.step for c in trained[2].checkpoints]
+    assert "linked" not in restored and "corrupt" not in restored and "copied" not in restored
+    assert all(j.output.parent == root or root in j.output.parents for j in restored.values())
