@@ -5,9 +5,15 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from coserve.engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def parse_adapters(values: list[str]) -> dict[str, str]:
@@ -36,20 +42,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           tpot_slo_ms=args.tpot_slo_ms, max_finetune_jobs=args.max_finetune_jobs,
                           cuda_graphs=not args.enforce_eager, fast_path=False if args.no_fast_path else None,
                           enable_prefix_caching=not args.no_enable_prefix_caching,
-                          served_model_name=args.served_model_name,
+                          served_model_name=args.served_model_name, shutdown_grace_s=args.shutdown_grace,
                           admin_token=load_token(args.admin_token_file, os.environ.get("COSERVE_ADMIN_TOKEN")),
                           adapters=parse_adapters(args.adapter))
     engine = LLMEngine(config)
     for name, path in config.adapters.items():
         engine.loras.load(name, resolve_under(config.data_root, path), path)
+    engine.finetune.restore()
     async_engine = AsyncEngine(engine)
     async_engine.start()
     logging.getLogger("coserve").info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
+    server_config = uvicorn.Config(create_app(async_engine), host=args.host, port=args.port,
+                                   log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace)
     try:
-        uvicorn.run(create_app(async_engine), host=args.host, port=args.port, log_level=args.log_level)
+        _run_server(server_config, engine.finetune.request_stop)
+    except KeyboardInterrupt:   # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        return 130
     finally:
         async_engine.shutdown()
     return 0
+
+
+def _run_server(config: "uvicorn.Config", on_signal: Callable[[], object]) -> None:
+    """Run uvicorn so that SIGTERM/SIGINT first asks the engine to checkpoint its running jobs, which then
+    happens while open connections drain; the app's shutdown waits for it within the grace period."""
+    import uvicorn
+
+    class CheckpointingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            on_signal()
+            super().handle_exit(sig, frame)
+
+    CheckpointingServer(config).run()
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
@@ -109,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve with the plain-PyTorch twins instead of the Triton kernels (debugging)")
     serve.add_argument("--no-enable-prefix-caching", action="store_true",
                        help="do not reuse cached KV blocks of equal prompt prefixes")
+    serve.add_argument("--shutdown-grace", type=_seconds, default=20.0,
+                       help="seconds allowed on SIGTERM/SIGINT to checkpoint running finetuning jobs (and to let "
+                            "open requests finish) before the process exits")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
@@ -131,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "come from COSERVE_* environment variables (see charts/coserve/values.yaml).")
     op.set_defaults(func=cmd_operator)
     return parser
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {value!r}")
+    return seconds
 
 
 def _cuda() -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -41,7 +42,14 @@ def create_app(engine: AsyncEngine) -> FastAPI:
     core = engine.engine
     cfg = core.config
     tokenizer = core.tokenizer
-    app = FastAPI(title="coserve engine", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Shutting down (SIGTERM/SIGINT): running jobs are checkpointed and marked interrupted on the engine
+        # thread; wait for that within the grace period. The CLI's signal handler may have asked already.
+        await asyncio.to_thread(core.finetune.wait_stopped, cfg.shutdown_grace_s)
+
+    app = FastAPI(title="coserve engine", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
 
     @app.exception_handler(APIError)
@@ -90,7 +98,7 @@ def create_app(engine: AsyncEngine) -> FastAPI:
         m.kv_usage.set(core.blocks.usage())
         m.adapters.set(len(core.loras.adapters))
         jobs = list(core.finetune.jobs.values())
-        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+        for state in ("queued", "running", "succeeded", "failed", "cancelled", "interrupted"):
             m.jobs.labels(state).set(sum(j.state.value == state for j in jobs))
         for j in jobs:
             m.job_step.labels(j.spec.id).set(j.step)
@@ -337,16 +345,31 @@ def create_app(engine: AsyncEngine) -> FastAPI:
             raise APIError(404, f"finetuning job {job_id!r} does not exist", "id", kind="not_found_error")
         return job
 
+    async def submit(spec: JobSpec, replace: bool) -> dict:
+        try:
+            core.finetune.check_new(spec, replace)
+            job = await asyncio.to_thread(build_job, core, spec)
+            await engine.call(lambda: core.finetune.add(job, replace))
+        except JobError as exc:
+            raise APIError(exc.status, str(exc), exc.param,
+                           kind="service_unavailable_error" if exc.status == 503 else "invalid_request_error") from exc
+        return job.progress()
+
     @app.post("/admin/finetune/jobs", status_code=201)
     async def create_job(spec: JobSpec, request: Request) -> dict:
         require_admin(request)
+        return await submit(spec, bool(spec.resume_from))
+
+    @app.post("/admin/finetune/jobs/{job_id}/resume")
+    async def resume_job(job_id: str, request: Request) -> dict:
+        """Continue a stopped (interrupted, cancelled or failed) job from its newest verified checkpoint."""
+        require_admin(request)
+        job_or_404(job_id)
         try:
-            core.finetune.check_new(spec)
-            job = await asyncio.to_thread(build_job, core, spec)
-            await engine.call(lambda: core.finetune.add(job))
+            spec = await asyncio.to_thread(core.finetune.resume_spec, job_id)
         except JobError as exc:
             raise APIError(exc.status, str(exc), exc.param) from exc
-        return job.progress()
+        return await submit(spec, True)
 
     @app.get("/admin/finetune/jobs")
     async def list_jobs(request: Request) -> dict:

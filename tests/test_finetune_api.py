@@ -2,6 +2,7 @@
 training continues, cancel, and every bad request answered 4xx naming the field."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -30,6 +31,8 @@ def server(llama_dir, tmp_path_factory):
     write_task(data)
     (data / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     (data / "broken.jsonl").write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    (data / "latin1.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    (data / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": "a\\ud800b"}\n')
     proc = EngineProcess(llama_dir, data, TOKEN, "--num-kv-blocks", "128", "--tpot-slo-ms", "200")
     yield proc
     proc.stop()
@@ -98,13 +101,36 @@ def test_cancel_keeps_checkpoints_and_can_checkpoint_first(server):
     ({"id": "Bad Id!"}, 400, "id", "lowercase"),
     ({"init_from": "a", "resume_from": "b"}, 400, None, "not both"),
     ({"lora": {"r": 8, "dropout": 1.0}}, 400, "lora.dropout", "less than 1"),
+    ({"dataset": {"path": "latin1.jsonl", "format": "text"}}, 400, "dataset.path", "line 2: not valid UTF-8"),
+    ({"dataset": {"path": "surrogate.jsonl", "format": "text"}}, 400, "dataset.path", "line 3"),
+    ({"training": {"lr": float("inf")}}, 400, "training.lr", "finite"),
+    ({"training": {"lr": float("nan")}}, 400, "training.lr", "finite"),
+    ({"training": {"lr": 50.0}}, 400, "training.lr", "less than or equal to 10"),
+    ({"lora": {"r": 8, "alpha": float("inf")}}, 400, "lora.alpha", "finite"),
+    ({"lora": {"r": 300}}, 400, "lora.r", "less than or equal to 256"),
+    ({"training": {"betas": [0.9, 1.0]}}, 400, "training.betas.1", "less than 1"),
+    ({"training": {"eps": 0}}, 400, "training.eps", "greater than 0"),
+    ({"training": {"max_grad_norm": 0}}, 400, "training.max_grad_norm", "greater than 0"),
+    ({"training": {"weight_decay": -0.1}}, 400, "training.weight_decay", "greater than or equal to 0"),
+    ({"training": {"seed": -1}}, 400, "training.seed", "greater than or equal to 0"),
+    ({"save_total_limit": 0}, 400, "save_total_limit", "greater than or equal to 1"),
 ])
 def test_bad_job_requests_name_the_field(server, over, status, param, text):
-    r = httpx.post(server.url + "/admin/finetune/jobs", json=job_body("bad-job", **over), headers=AUTH)
+    body = json.dumps(job_body("bad-job", **over))   # NaN and Infinity as Python's json writes them
+    r = httpx.post(server.url + "/admin/finetune/jobs", content=body,
+                   headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and text in err["message"]
     assert server.alive()
+
+
+def test_an_lr_of_1e999_is_refused_not_trained(server):
+    body = json.dumps(job_body("huge-lr")).replace('"lr": 0.01', '"lr": 1e999')
+    r = httpx.post(server.url + "/admin/finetune/jobs", content=body,
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "training.lr", r.text
+    assert httpx.get(server.url + "/admin/finetune/jobs/huge-lr", headers=AUTH).status_code == 404
 
 
 def test_duplicate_id_is_a_conflict_and_auth_is_required(server):

@@ -27,7 +27,7 @@ def job_spec(job_id: str, output: str, **training) -> JobSpec:
     t = {"optimizer": "adamw", "lr": 0.01, "epochs": 12, "chunk_tokens": 5, "seed": 3, **training}
     return JobSpec.model_validate({"id": job_id, "dataset": {"path": "task.jsonl", "format": "prompt_completion"},
                                    "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS}, "output": output,
-                                   "checkpoint_every": 8, "training": t})
+                                   "checkpoint_every": 8, "save_total_limit": None, "training": t})
 
 
 def run_until_done(engine, job: FinetuneJob, inference: bool = True) -> None:

@@ -9,6 +9,16 @@ from coserve.engine.finetune.spec import LoRASpec
 from coserve.engine.model.llama import CausalLM
 
 
+def lora_shapes(model: CausalLM, spec: LoRASpec) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """{module: (A shape, B shape)} of a job's adapter, in parameter order (what checkpoints must hold)."""
+    shapes = {}
+    for name, m in model.lora_modules().items():
+        if name.rsplit(".", 1)[-1] in spec.target_modules:
+            out_f, in_f = m.weight.shape
+            shapes[name] = ((spec.r, in_f), (out_f, spec.r))
+    return shapes
+
+
 class TrainAdapter:
     """Implements the model's `TrainableLoRA`: every row of a unit gets scaling * B @ A @ x."""
 

@@ -29,7 +29,17 @@ def _require_str(row: dict, key: str, line: int) -> str:
     value = row.get(key)
     if not isinstance(value, str):
         raise DatasetError(f"line {line}: field {key!r} must be a string")
+    _require_unicode(value, f"field {key!r}", line)
     return value
+
+
+def _require_unicode(value: str, what: str, line: int) -> None:
+    """JSON escapes can spell lone surrogates, which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DatasetError(f"line {line}: {what} holds a lone surrogate at character {exc.start} "
+                           "(not valid Unicode)") from exc
 
 
 def _chat_example(tokenizer, messages: object, line: int) -> Example:
@@ -39,6 +49,7 @@ def _chat_example(tokenizer, messages: object, line: int) -> Example:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DatasetError(f"line {line}: messages[{i}] needs string 'role' and 'content'")
+        _require_unicode(m["role"] + m["content"], f"messages[{i}]", line)
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"line {line}: a chat example needs at least one assistant message")
     render = tokenizer.apply_chat_template
@@ -54,6 +65,17 @@ def _chat_example(tokenizer, messages: object, line: int) -> Example:
     return Example(list(enc.input_ids), labels)
 
 
+def _example(row: dict, fmt: str, tokenizer, eos: list[int], line: int) -> Example:
+    if fmt == "text":
+        ids = tokenizer(_require_str(row, "text", line), add_special_tokens=False).input_ids + eos
+        return Example(ids, list(ids))
+    if fmt == "prompt_completion":
+        p = tokenizer(_require_str(row, "prompt", line), add_special_tokens=False).input_ids
+        c = tokenizer(_require_str(row, "completion", line), add_special_tokens=False).input_ids + eos
+        return Example(p + c, [IGNORE] * len(p) + c)
+    return _chat_example(tokenizer, row.get("messages"), line)
+
+
 def read_examples(path: Path, fmt: str, tokenizer) -> list[Example]:
     """Parse and tokenise every line; raises DatasetError naming the first bad line."""
     if not path.is_file():
@@ -62,8 +84,12 @@ def read_examples(path: Path, fmt: str, tokenizer) -> list[Example]:
         raise DatasetError("format 'chat' needs a tokenizer with a chat template")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw_bytes in enumerate(f, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"line {line_no}: not valid UTF-8 (byte {exc.start})") from exc
             if not raw.strip():
                 continue
             try:
@@ -72,15 +98,12 @@ def read_examples(path: Path, fmt: str, tokenizer) -> list[Example]:
                 raise DatasetError(f"line {line_no}: not valid JSON ({exc.msg})") from exc
             if not isinstance(row, dict):
                 raise DatasetError(f"line {line_no}: each line must be a JSON object")
-            if fmt == "text":
-                ids = tokenizer(_require_str(row, "text", line_no), add_special_tokens=False).input_ids + eos
-                examples.append(Example(ids, list(ids)))
-            elif fmt == "prompt_completion":
-                p = tokenizer(_require_str(row, "prompt", line_no), add_special_tokens=False).input_ids
-                c = tokenizer(_require_str(row, "completion", line_no), add_special_tokens=False).input_ids + eos
-                examples.append(Example(p + c, [IGNORE] * len(p) + c))
-            else:
-                examples.append(_chat_example(tokenizer, row.get("messages"), line_no))
+            try:
+                examples.append(_example(row, fmt, tokenizer, eos, line_no))
+            except DatasetError:
+                raise
+            except Exception as exc:   # the tokenizer or chat template refused this line's content
+                raise DatasetError(f"line {line_no}: cannot be tokenised ({type(exc).__name__}: {exc})") from exc
     if not examples:
         raise DatasetError("the dataset has no examples")
     return examples

@@ -1,8 +1,10 @@
 """One finetuning job inside the engine: its data order, its adapter and optimizer, the sequence in flight
-(forward chunks, then backward units), optimizer steps, checkpoints and progress."""
+(forward chunks, then backward units), optimizer steps, checkpoints and their retention, progress, and the
+durable record that lets a restarted engine list and resume it."""
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import shutil
 import time
@@ -14,9 +16,10 @@ import torch
 
 from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.backward import SavedChunk, SequenceBackward
-from coserve.engine.finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coserve.engine.finetune.checkpoint import Checkpoint, ResumeState, all_finite, retained, save_checkpoint
 from coserve.engine.finetune.dataset import Example, epoch_order
 from coserve.engine.finetune.dropout import ChunkDropout
+from coserve.engine.finetune.record import RECORD_FILE, RECORD_VERSION, JobRecord, OutputLock, write_json_atomic
 from coserve.engine.finetune.spec import JobSpec, TrainingSpec
 from coserve.engine.sampling import SamplingParams
 from coserve.engine.scheduler import Chunk
@@ -25,6 +28,8 @@ from coserve.engine.sequence import Sequence
 if TYPE_CHECKING:
     from coserve.engine.engine import LLMEngine
 
+log = logging.getLogger("coserve.finetune")
+
 
 class JobState(str, enum.Enum):
     QUEUED = "queued"
@@ -32,6 +37,10 @@ class JobState(str, enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"     # the engine stopped while the job was queued or running; resumable
+
+
+LIVE = (JobState.QUEUED, JobState.RUNNING)
 
 
 def lr_lambda(t: TrainingSpec, total_steps: int):
@@ -48,22 +57,32 @@ def lr_lambda(t: TrainingSpec, total_steps: int):
     return f
 
 
+def count_steps(t: TrainingSpec, num_sequences: int) -> int:
+    """Optimizer steps of a job: `epochs` passes over the sequences, capped by `max_steps`."""
+    per_epoch = math.ceil(num_sequences / t.sequences_per_step)
+    return min(per_epoch * t.epochs, t.max_steps or per_epoch * t.epochs)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
 class FinetuneJob:
     def __init__(self, spec: JobSpec, engine: "LLMEngine", sequences: list[Example], output: Path,
-                 init_dir: Path | None, resume_dir: Path | None):
+                 init_modules: dict | None = None, resume: ResumeState | None = None,
+                 inherited: list[Checkpoint] | None = None):
         self.spec, self.engine, self.sequences, self.output = spec, engine, sequences, output
         self.num_sequences = len(sequences)
-        t = spec.training
-        self.init_dir, self.resume_dir = init_dir, resume_dir
-        per_epoch = math.ceil(len(sequences) / t.sequences_per_step)
-        self.total_steps = min(per_epoch * t.epochs, t.max_steps or per_epoch * t.epochs)
+        self.init_modules, self.resume = init_modules, resume
+        self.total_steps = count_steps(spec.training, len(sequences))
         self.state = JobState.QUEUED
         self.error: str | None = None
-        self.step = 0
-        self.tokens = 0
-        self.loss: float | None = None
-        self.losses: list[float] = []
-        self.checkpoints: list[Checkpoint] = []
+        self.step = resume.step if resume else 0
+        self.tokens = resume.tokens if resume else 0
+        self.losses: list[float] = list(resume.losses) if resume else []
+        self.loss: float | None = self.losses[-1] if self.losses else None
+        self.checkpoints: list[Checkpoint] = list(inherited or [])   # in this output, oldest first
+        self.lock = OutputLock(output)
         self.created = time.time()
         self.started: float | None = None
         self.finished: float | None = None
@@ -78,6 +97,19 @@ class FinetuneJob:
         self.seq_in_step = 0
         self.step_loss = 0.0
         self.step_targets = 0
+        self.recorded_losses: dict | None = None  # the loss summary of a job read back from its record
+
+    @classmethod
+    def from_record(cls, record: JobRecord, engine: "LLMEngine", output: Path) -> "FinetuneJob":
+        """A job as a previous engine process left it: listed as it was, never trained here (it may be resumed
+        by a new job built from its spec)."""
+        job = cls(record.spec, engine, [], output)
+        job.num_sequences, job.total_steps = record.num_sequences, record.total_steps
+        job.state, job.error, job.step, job.tokens = JobState(record.state), record.error, record.step, record.tokens
+        job.loss, job.recorded_losses = record.loss, dict(record.losses)
+        job.checkpoints = [Checkpoint(c.step, c.path, c.sha256, c.time, c.loss) for c in record.checkpoints]
+        job.created, job.started, job.finished = record.created, record.started, record.finished
+        return job
 
     # ---- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -91,25 +123,23 @@ class FinetuneJob:
         else:
             self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.total_steps))
-        if self.resume_dir is not None:
-            modules, opt_state, trainer = load_checkpoint(self.resume_dir)
-            self.adapter.load(modules)
-            self.optimizer.load_state_dict(opt_state)
-            self.step, self.tokens = trainer["step"], trainer["tokens"]
-            self.losses = trainer.get("losses", [])
-            self.loss = self.losses[-1] if self.losses else None
+        if self.resume is not None:   # verified when the job was built
+            self.adapter.load(self.resume.modules)
+            self.optimizer.load_state_dict(self.resume.optimizer)
             self.lr_sched.last_epoch = self.step - 1
             with warnings.catch_warnings():   # only positions the schedule; torch warns of a step before any update
                 warnings.simplefilter("ignore", UserWarning)
                 self.lr_sched.step()
-        elif self.init_dir is not None:
-            from coserve.engine.lora import read_adapter
-            self.adapter.load(read_adapter(self.init_dir)[1])
+        elif self.init_modules is not None:
+            self.adapter.load(self.init_modules)
+        self.resume = self.init_modules = None
         self.slot = eng.loras.reserve_training_slot()
         eng.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
         self.state, self.started = JobState.RUNNING, time.time()
         if self.step >= self.total_steps:
             self._finish(JobState.SUCCEEDED)
+        else:
+            self.persist()
 
     def _release(self) -> None:
         if self.seq is not None:
@@ -121,17 +151,35 @@ class FinetuneJob:
             self.slot = None
 
     def _finish(self, state: JobState, error: str | None = None) -> None:
-        """Release the slot and blocks, and the tokenised data: a finished job keeps only its record."""
+        """Release the slot, blocks and tokenised data (a finished job keeps only its record), write the record,
+        and only then let go of the output."""
         self._release()
-        self.sequences = []
+        self.sequences, self.resume, self.init_modules = [], None, None
         self.state, self.error, self.finished = state, error, time.time()
+        try:
+            self.persist()
+        finally:
+            self.lock.release()
 
     def cancel(self) -> None:
-        if self.state in (JobState.QUEUED, JobState.RUNNING):
+        if self.state in LIVE:
             self._finish(JobState.CANCELLED)
 
     def fail(self, error: str) -> None:
         self._finish(JobState.FAILED, error)
+
+    def interrupt(self, reason: str) -> None:
+        """The engine is stopping: checkpoint the last finished step (unless saved already) and mark the job
+        resumable. If that save fails the earlier checkpoints stay listed, and the record says so."""
+        if self.state not in LIVE:
+            return
+        if self.active and self.step > 0 and all(c.step != self.step for c in self.checkpoints):
+            try:
+                self.save_checkpoint(persist=False)
+            except Exception as exc:   # stopping goes on regardless
+                reason += f"; its shutdown checkpoint failed ({type(exc).__name__}: {exc})"
+        last = self.checkpoints[-1].path if self.checkpoints else "the start (no checkpoint yet)"
+        self._finish(JobState.INTERRUPTED, f"{reason} at step {self.step}; resuming continues from {last}")
 
     @property
     def active(self) -> bool:
@@ -149,7 +197,7 @@ class FinetuneJob:
     @property
     def epoch(self) -> int:
         per_epoch = math.ceil(self.num_sequences / self.spec.training.sequences_per_step)
-        return min(self.step, self.total_steps - 1) // per_epoch if self.total_steps else 0
+        return min(self.step, self.total_steps - 1) // per_epoch if self.total_steps and per_epoch else 0
 
     # ---- work for the scheduler ---------------------------------------------------------------------
     def begin_sequence(self, reserve_blocks: int) -> bool:
@@ -205,16 +253,26 @@ class FinetuneJob:
                 self._optimizer_step()
 
     def _optimizer_step(self) -> None:
+        """Apply the step's gradients, unless the loss, gradients or updated weights are not finite: then the job
+        fails (its checkpoints stay), and neither the serving slot nor a checkpoint ever sees such a value."""
         t = self.spec.training
+        params = self.adapter.parameters()
+        loss = self.step_loss / max(1, self.step_targets)
+        if not math.isfinite(loss):
+            return self._fail_non_finite(f"the loss is {loss}")
+        if not all_finite([p.grad for p in params if p.grad is not None]):
+            return self._fail_non_finite("the gradients hold NaN or infinity")
         if t.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), t.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         self.optimizer.step()
+        if not all_finite(params):
+            return self._fail_non_finite("the update made the adapter weights NaN or infinite")
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
         self.step += 1
         self.seq_in_step = 0
-        self.loss = self.step_loss / max(1, self.step_targets)
+        self.loss = loss
         self.losses.append(self.loss)
         every = self.spec.checkpoint_every
         if self.step == self.total_steps or (every and self.step % every == 0):
@@ -222,12 +280,56 @@ class FinetuneJob:
         if self.step >= self.total_steps:
             self._finish(JobState.SUCCEEDED)
 
-    def save_checkpoint(self) -> Checkpoint:
-        ckpt = save_checkpoint(self.output, Path(self.engine.config.data_root).resolve(), self.step, self.adapter,
-                               self.optimizer, {"tokens": self.tokens, "losses": self.losses,
-                                                "job_id": self.spec.id}, self.engine.config.model)
-        self.checkpoints = [c for c in self.checkpoints if c.step != ckpt.step] + [ckpt]
+    def _fail_non_finite(self, what: str) -> None:
+        self.fail(f"step {self.step + 1}: {what}; the job stopped (lower training.lr, set training.max_grad_norm "
+                  "or check the data)")
+
+    def save_checkpoint(self, persist: bool = True) -> Checkpoint:
+        """Write the adapter of the last finished step, apply the retention limit, and record both."""
+        root = Path(self.engine.config.data_root).resolve()
+        ckpt = save_checkpoint(self.output, root, self.step, self.adapter, self.optimizer,
+                               {"tokens": self.tokens, "losses": self.losses, "job_id": self.spec.id},
+                               self.engine.config.model)
+        self.checkpoints = sorted([c for c in self.checkpoints if c.step != ckpt.step] + [ckpt],
+                                  key=lambda c: c.step)
+        self._prune(root)
+        if persist:
+            self.persist()
         return ckpt
+
+    def _prune(self, root: Path) -> None:
+        """Delete the checkpoints beyond `save_total_limit` (never the best-loss or the final one) and drop them
+        from the list; only `checkpoint-<step>` folders of this job's own output are ever deleted."""
+        keep = retained(self.checkpoints, self.spec.save_total_limit, self.total_steps)
+        for c in self.checkpoints:
+            folder = (root / c.path).resolve()
+            if c.step not in keep and folder.parent == self.output and folder.name == f"checkpoint-{c.step}":
+                shutil.rmtree(folder, ignore_errors=True)
+        self.checkpoints = [c for c in self.checkpoints if c.step in keep]
+
+    # ---- durable record -----------------------------------------------------------------------------
+    def record(self) -> dict:
+        """Everything `GET` answers after a restart, and the spec that resuming needs."""
+        finite = [x for x in self.losses if math.isfinite(x)]
+        losses = self.recorded_losses or {
+            "count": len(self.losses), "first": finite[0] if finite else None,
+            "last": finite[-1] if finite else None, "min": min(finite) if finite else None,
+            "min_step": self.losses.index(min(finite)) + 1 if finite else None}
+        return {"version": RECORD_VERSION, "id": self.spec.id, "spec": self.spec.model_dump(mode="json"),
+                "state": self.state.value, "error": self.error, "step": self.step, "total_steps": self.total_steps,
+                "num_sequences": self.num_sequences, "tokens": self.tokens, "loss": _finite_or_none(self.loss),
+                "losses": losses, "checkpoints": [c.to_dict() for c in self.checkpoints], "created": self.created,
+                "started": self.started, "finished": self.finished, "updated": time.time(),
+                "resumed_from": self.spec.resume_from}
+
+    def persist(self) -> None:
+        """Write `<output>/job.json`, only while this job holds the output. A full or failing disk is logged,
+        never allowed to stop the engine: the previous record stays whole."""
+        if self.lock.held:
+            try:
+                write_json_atomic(self.output / RECORD_FILE, self.record())
+            except OSError:
+                log.exception("could not write the record of finetuning job %s", self.spec.id)
 
     # ---- reporting ----------------------------------------------------------------------------------
     def activation_bytes_per_token(self) -> int:
@@ -238,14 +340,17 @@ class FinetuneJob:
         elapsed = ((self.finished or time.time()) - self.started) if self.started else 0.0
         return {"id": self.spec.id, "state": self.state.value, "step": self.step, "total_steps": self.total_steps,
                 "epoch": self.epoch, "tokens": self.tokens, "tokens_per_s": round(self.tokens / elapsed, 2)
-                if elapsed > 0 else 0.0, "loss": self.loss, "lr": self.lr_sched.get_last_lr()[0]
+                if elapsed > 0 else 0.0, "loss": _finite_or_none(self.loss), "lr": self.lr_sched.get_last_lr()[0]
                 if self.lr_sched else self.spec.training.lr, "output": self.spec.output,
                 "checkpoints": [c.to_dict() for c in self.checkpoints], "error": self.error,
+                "save_total_limit": self.spec.save_total_limit, "resumed_from": self.spec.resume_from,
                 "created": self.created, "started": self.started, "finished": self.finished,
                 "activation_bytes_per_token": self.activation_bytes_per_token()}
 
 
 def remove_tmp_folders(output: Path) -> None:
-    """Half-written checkpoints of a process that died are never resumed from; clear them."""
+    """Half-written checkpoints and records of a process that died are never used; clear them."""
     for tmp in output.glob(".tmp-checkpoint-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in output.glob(f".{RECORD_FILE}.tmp-*"):
+        tmp.unlink(missing_ok=True)

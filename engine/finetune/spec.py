@@ -1,18 +1,22 @@
-"""A finetuning job's settings as the admin API receives them (validated; errors name the field)."""
+"""A finetuning job's settings as the admin API receives them (validated; errors name the field). Every number
+is finite and within a range that can train: a non-finite or absurd setting is refused before any work."""
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from coserve.engine.model.llama import LORA_TARGETS
 
 JOB_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+MAX_SEED = 2**32 - 1        # epoch orders seed torch generators with seed * 1000003 + epoch
+
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DatasetSpec(Strict):
@@ -22,7 +26,7 @@ class DatasetSpec(Strict):
 
 class LoRASpec(Strict):
     r: int = Field(16, ge=1, le=256)
-    alpha: float = Field(32.0, gt=0)
+    alpha: float = Field(32.0, gt=0, le=65536)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
     use_rslora: bool = False
@@ -38,22 +42,22 @@ class LoRASpec(Strict):
 
 class TrainingSpec(Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, le=10)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    momentum: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(None, gt=0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    sequences_per_step: int = Field(1, ge=1)
-    max_seq_len: int | None = Field(None, ge=2, description="default: as long as the engine can hold")
+    warmup_steps: int = Field(0, ge=0, le=10**9)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, le=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(None, gt=0, le=1e6)
+    epochs: int = Field(1, ge=1, le=10**6)
+    max_steps: int | None = Field(None, ge=1, le=10**9)
+    sequences_per_step: int = Field(1, ge=1, le=65536)
+    max_seq_len: int | None = Field(None, ge=2, le=10**7, description="default: as long as the engine can hold")
     packing: bool = False
     shuffle: bool = True
-    seed: int = 0
-    chunk_tokens: int = Field(64, ge=1, description="largest forward chunk / backward unit, in tokens")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    chunk_tokens: int = Field(64, ge=1, le=65536, description="largest forward chunk / backward unit, in tokens")
 
 
 class JobSpec(Strict):
@@ -62,7 +66,9 @@ class JobSpec(Strict):
     lora: LoRASpec = Field(default_factory=LoRASpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output: str = Field(min_length=1)
-    checkpoint_every: int | None = Field(None, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, le=10**9)
+    save_total_limit: int | None = Field(5, ge=1, le=10**6, description="checkpoints kept besides the best-loss "
+                                                                       "and the final one; null keeps all")
     init_from: str | None = None
     resume_from: str | None = None
 
