@@ -29,6 +29,15 @@ def _require_str(row: dict, key: str, line: int) -> str:
     value = row.get(key)
     if not isinstance(value, str):
         raise DatasetError(f"line {line}: field {key!r} must be a string")
+    return _text(value, key, line)
+
+
+def _text(value: str, key: str, line: int) -> str:
+    """JSON escapes can encode lone surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DatasetError(f"line {line}: field {key!r} holds invalid Unicode (a lone surrogate)") from exc
     return value
 
 
@@ -39,6 +48,7 @@ def _chat_example(tokenizer, messages: object, line: int) -> Example:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DatasetError(f"line {line}: messages[{i}] needs string 'role' and 'content'")
+        _text(m["role"] + m["content"], f"messages[{i}]", line)
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"line {line}: a chat example needs at least one assistant message")
     render = tokenizer.apply_chat_template
@@ -62,8 +72,12 @@ def read_examples(path: Path, fmt: str, tokenizer) -> list[Example]:
         raise DatasetError("format 'chat' needs a tokenizer with a chat template")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw_bytes in enumerate(f, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"line {line_no}: not valid UTF-8 (byte {exc.start})") from exc
             if not raw.strip():
                 continue
             try:

@@ -3,6 +3,7 @@ forward chunks and backward units that fit in what is left of the latency target
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coserve.engine.cost_model import CostModel
@@ -45,7 +46,7 @@ def build_job(engine: "LLMEngine", spec: JobSpec) -> FinetuneJob:
     if spec.init_from:
         init_dir = under(spec.init_from, "init_from")
         try:
-            cfg, modules = read_adapter(init_dir)
+            cfg, modules = read_adapter(init_dir, Path(root))
         except AdapterError as exc:
             raise JobError(f"init_from: {exc}", "init_from") from exc
         targets = {m.rsplit(".", 1)[-1] for m in modules}

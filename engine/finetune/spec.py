@@ -12,7 +12,7 @@ JOB_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)   # 1e999 parses as infinity: refused
 
 
 class DatasetSpec(Strict):
