@@ -16,6 +16,7 @@ from coserve.engine.model.llama import LORA_TARGETS, CausalLM
 from coserve.engine.paths import PathError, file_under
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_SCALING = 1e4     # lora_alpha / r (or / sqrt(r)); real adapters stay far below
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -107,8 +108,10 @@ def check_adapter_config(cfg: object) -> dict:
         raise AdapterError(f"adapter_config.json: lora_alpha must be a finite number, got {alpha!r}")
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise AdapterError("adapter_config.json: use_rslora must be true or false")
-    if not math.isfinite(adapter_scaling(cfg)):
-        raise AdapterError("adapter_config.json: lora_alpha gives a non-finite scaling")
+    scaling = adapter_scaling(cfg)
+    if not abs(scaling) <= MAX_SCALING:
+        raise AdapterError(f"adapter_config.json: lora_alpha gives the scaling {scaling:g}, beyond "
+                           f"{MAX_SCALING:g} in magnitude")
     return cfg
 
 

@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-GREEDY_BELOW = 1e-5          # temperatures below this sample greedily (dividing logits by them overflows)
+GREEDY_BELOW = 1e-5          # temperatures (dividing logits by them overflows) and top_p (rounding to 0 in
+                             # float32 keeps no token) below this sample greedily
 MAX_SEED = 2**63             # seeds are in [0, 2**63)
 MAX_STOP = 16                # stop strings per request
 MAX_STOP_CHARS = 1000        # characters per stop string (a stream holds back that many)
@@ -57,6 +58,10 @@ class SamplingFields(Finite):
 
     def effective_temperature(self) -> float:
         return 0.0 if self.temperature < GREEDY_BELOW else self.temperature
+
+    def effective_top_k(self) -> int:
+        """-1 means no limit, as 0 does; a top_p that keeps only the most likely token is top_k 1."""
+        return 1 if self.top_p < GREEDY_BELOW else max(self.top_k, 0)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -39,13 +39,20 @@ def error_response(exc: APIError, headers: dict[str, str] | None = None) -> Resp
     return Response(body, status_code=exc.status, media_type="application/json", headers=headers)
 
 
+def _field(err: dict) -> list[str]:
+    return [str(p) for p in err.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+
+
 def from_validation(errors: list[dict]) -> APIError:
-    """The first pydantic error as a 400 naming its field (dotted, list indices included)."""
-    err = errors[0]
-    if err.get("type") == "json_invalid":
+    """A pydantic error as a 400 naming its field (dotted, list indices included). Of a union's errors, the one
+    that got deepest and is about the value, not its type, says most ("lone surrogate" over "not a string")."""
+    if errors[0].get("type") == "json_invalid":
+        err = errors[0]
         return APIError(400, f"malformed JSON body: {err.get('ctx', {}).get('error') or err.get('msg')}")
-    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
-    param = ".".join(loc) or None
+    first = _field(errors[0])[:1]
+    same_field = [e for e in errors if _field(e)[:1] == first]
+    err = min(same_field, key=lambda e: (-len(_field(e)), str(e.get("type", "")).endswith(("_type", "_parsing"))))
+    param = ".".join(_field(err)) or None
     return APIError(400, f"{param or 'body'}: {err.get('msg')}", param)
 
 

@@ -68,7 +68,7 @@ def openai_router(engine: AsyncEngine) -> APIRouter:
             raise APIError(400, f"stop_token_ids {bad[:8]} are outside the vocabulary [0, {vocab})",
                            "stop_token_ids")
         return SamplingParams(max_tokens=min(max_tokens or room, room), temperature=req.effective_temperature(),
-                              top_k=max(req.top_k, 0), top_p=req.top_p, seed=req.seed, stop=req.stop_list(),
+                              top_k=req.effective_top_k(), top_p=req.top_p, seed=req.seed, stop=req.stop_list(),
                               stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)
 
     async def prompt_ids(req: CompletionRequest) -> tuple[list[int], str | list[int]]:
