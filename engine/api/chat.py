@@ -18,8 +18,11 @@ class ChatEncoder:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.special_ids = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        self.literal = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.literal.encode_special_tokens = True
+        self.literal: Tokenizer | None = None    # a fast tokenizer's twin that never matches special tokens
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self.literal = Tokenizer.from_str(backend.to_str())
+            self.literal.encode_special_tokens = True
 
     def render(self, messages: list[dict[str, str]]) -> str:
         try:
@@ -49,7 +52,7 @@ class ChatEncoder:
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the chat prompt (with the generation prompt); content never yields special tokens."""
-        located = self.content_spans(messages)
+        located = self.content_spans(messages) if self.literal is not None else None
         if located is None:
             return self._encode_unlocated(messages)
         text, spans = located
@@ -59,8 +62,7 @@ class ChatEncoder:
         def in_content(start: int, end: int) -> bool:
             return any(s < end and start < e for s, e in spans)
 
-        forged = [i for i, (t, (a, b)) in enumerate(zip(ids, offsets)) if t in self.special_ids and in_content(a, b)]
-        if not forged:
+        if not any(t in self.special_ids and in_content(a, b) for t, (a, b) in zip(ids, offsets)):
             return ids
         # Keep the template's own special tokens; everything between them is encoded as literal text.
         markers = [(a, b, t) for t, (a, b) in zip(ids, offsets) if t in self.special_ids and not in_content(a, b)]
@@ -79,7 +81,8 @@ class ChatEncoder:
         return out
 
     def _encode_unlocated(self, messages: list[dict[str, str]]) -> list[int]:
-        """A template that rewrites content: safe only when no content holds a special token's text."""
+        """A template that rewrites content, or a tokenizer without a fast twin: safe only when no content holds
+        a special token's text."""
         names = [self.tokenizer.convert_ids_to_tokens(i) for i in sorted(self.special_ids)]
         for i, m in enumerate(messages):
             typed = [n for n in names if n and n in m["content"]]
