@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.lora import read_adapter, write_adapter
+from coserve.engine.paths import file_under
 
 
 @dataclass
@@ -59,10 +60,11 @@ def save_checkpoint(output: Path, data_root: Path, step: int, adapter: TrainAdap
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
-    """(adapter modules, optimizer state_dict, trainer state) of a checkpoint folder."""
+    """(adapter modules, optimizer state_dict, trainer state) of a checkpoint folder; we write its files as plain
+    files, so each must resolve inside the folder (no symlink leads elsewhere)."""
     _, modules = read_adapter(folder)
-    trainer = json.loads((folder / "trainer_state.json").read_text())
-    flat = load_file(str(folder / "optimizer.safetensors"))
+    trainer = json.loads(file_under(folder, folder / "trainer_state.json").read_text())
+    flat = load_file(str(file_under(folder, folder / "optimizer.safetensors")))
     state: dict[int, dict] = {}
     for key, value in flat.items():
         idx, name = key.split(".", 1)
