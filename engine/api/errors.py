@@ -57,6 +57,7 @@ def from_validation(errors: list[dict]) -> APIError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Our refusals, FastAPI's validation, Starlette's 404/405 and anything unexpected, all in one shape."""
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> Response:
         return error_response(exc)
