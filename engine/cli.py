@@ -34,6 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                           tpot_slo_ms=args.tpot_slo_ms, max_finetune_jobs=args.max_finetune_jobs,
+                          cuda_graphs=not args.enforce_eager, fast_path=False if args.no_fast_path else None,
+                          enable_prefix_caching=not args.no_enable_prefix_caching,
                           served_model_name=args.served_model_name,
                           admin_token=load_token(args.admin_token_file, os.environ.get("COSERVE_ADMIN_TOKEN")),
                           adapters=parse_adapters(args.adapter), max_body_bytes=args.max_body_bytes,
@@ -108,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest prompt in characters, refused before tokenizing "
                             "(default: 8 per token of --max-model-len)")
     serve.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="never replay CUDA graphs (debugging; graphs are only used on cuda anyway)")
+    serve.add_argument("--no-fast-path", action="store_true",
+                       help="serve with the plain-PyTorch twins instead of the Triton kernels (debugging)")
+    serve.add_argument("--no-enable-prefix-caching", action="store_true",
+                       help="do not reuse cached KV blocks of equal prompt prefixes")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

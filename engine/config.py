@@ -21,6 +21,9 @@ class EngineConfig:
     tpot_slo_ms: float = 50.0           # latency target of one iteration; finetuning fills what inference leaves
     max_finetune_jobs: int = 2          # jobs trained at once; more wait queued
     finetune_kv_reserve: float = 0.1    # fraction of KV blocks finetuning never takes
+    fast_path: bool | None = None       # Triton kernels; default: on for cuda (off on cpu: the twins serve there)
+    cuda_graphs: bool = True            # decode iterations replay captured CUDA graphs (cuda only)
+    enable_prefix_caching: bool = True  # requests sharing a prompt prefix (same adapter) reuse its KV blocks
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = None
@@ -29,6 +32,10 @@ class EngineConfig:
     max_body_bytes: int = 16 * 2**20    # larger request bodies answer 413 before they are parsed
     max_prompt_chars: int | None = None  # default: 8 characters per token of max_model_len, checked before tokenizing
     enable_docs: bool = False           # serve /docs, /redoc and /openapi.json
+
+    @property
+    def use_fast_path(self) -> bool:
+        return self.fast_path if self.fast_path is not None else self.device.startswith("cuda")
 
     @property
     def torch_dtype_name(self) -> str:

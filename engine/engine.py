@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from coserve.engine.config import EngineConfig
 from coserve.engine.cost_model import CostModel, profile
+from coserve.engine.detokenizer import IncrementalDetokenizer
 from coserve.engine.finetune.manager import FinetuneManager
 from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
 from coserve.engine.lora import LoRARegistry
@@ -44,17 +45,19 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, cost_model: CostModel | None = None):
         self.config = config
         dtype = DTYPES[config.torch_dtype_name]
-        self.model = load_model(config.model, config.device, config.torch_dtype_name, config.data_root)
+        self.model = load_model(config.model, config.device, config.torch_dtype_name, config.use_fast_path,
+                                config.data_root)
         self.model_config = self.model.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(dtype)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, capacity)
         self.kv_caches = allocate_kv_caches(self.model_config, num_blocks, config.block_size, config.device, dtype)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
-        self.runner = Runner(self.model, self.kv_caches, self.blocks, config.device)
         self.loras = LoRARegistry(self.model, config.max_loras, config.max_lora_rank)
+        self.runner = Runner(self.model, self.kv_caches, self.blocks, self.loras, config.device,
+                             config.cuda_graphs, config.max_num_seqs, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -63,6 +66,7 @@ class LLMEngine:
         self.model_name = config.served_model_name or Path(config.model).name
         self.finetune = FinetuneManager(self, config.max_finetune_jobs, config.finetune_kv_reserve)
         self.cost = cost_model or profile(self)
+        self.runner.warmup()
 
     def _blocks_for_memory(self, dtype: torch.dtype) -> int:
         per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype)
@@ -87,8 +91,10 @@ class LLMEngine:
         if adapter is not None and adapter not in self.loras.adapters:
             raise RequestError(f"the model {adapter!r} does not exist", "model", 404)
         seq = Sequence(request_id, list(prompt_ids), params, adapter_name=adapter)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
         if adapter is not None:
             seq.adapter_slot = self.loras.acquire(adapter)
+            seq.cache_salt = f"{adapter}#{self.loras.adapters[adapter].load_id}"
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -123,12 +129,14 @@ class LLMEngine:
                                                                else 0.0)
         outputs: list[RequestOutput] = []
         if chunks or ft_chunks:
-            tokens, logprobs, kept = self.runner.run(chunks + ft_chunks)
+            result = self.runner.run(chunks + ft_chunks)
             for c in chunks:
                 c.seq.num_computed += c.length
-            for c, token, logprob in zip([c for c in chunks if c.samples], tokens, logprobs):
-                outputs.append(self._append_token(c.seq, token, logprob))
-            self.finetune.forward_done(ft_chunks, kept)
+            for c, token, logprob, bad in zip([c for c in chunks if c.samples], result.tokens, result.logprobs,
+                                              result.bad):
+                outputs.append(self._fail(c.seq, "the model produced non-finite logits for this request") if bad
+                               else self._append_token(c.seq, token, logprob))
+            self.finetune.forward_done(ft_chunks, result.kept)
         units = 0
         if self.finetune.has_work():
             units = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
@@ -137,30 +145,34 @@ class LLMEngine:
                                    time.perf_counter() - start)
         return outputs
 
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """End one request with an error; the rest of the batch goes on."""
+        self._finish(seq, "error")
+        return RequestOutput(seq.request_id, "", [], [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
+                             error=message)
+
     def _append_token(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
         seq.output_ids.append(token)
         seq.output_logprobs.append(logprob)
         p = seq.params
         reason = None
         stopped_by_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
-        text_ids = seq.output_ids[:-1] if stopped_by_token else seq.output_ids
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
         if stopped_by_token:
             reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        text_ids = seq.output_ids[:-1] if stopped_by_token else seq.output_ids
+        text = seq.text + seq.detokenizer.step(text_ids, final=reason is not None)
         for s in p.stop:
             idx = text.find(s, max(0, len(seq.text) - len(s)))
             if idx != -1:
                 text, reason = text[:idx], "stop"
                 break
-        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
         seq.text = text
         finished = reason is not None
-        # Hold back a partial UTF-8 character and anything that may still grow into a stop string.
+        # Hold back anything that may still grow into a stop string.
         hold = 0 if finished else max([len(s) - 1 for s in p.stop] + [0])
         visible = len(text) - hold
-        if not finished and text.endswith("\ufffd"):
-            visible = min(visible, len(text) - 1)
         delta = text[seq.emitted_chars:max(visible, seq.emitted_chars)]
         seq.emitted_chars += len(delta)
         new_ids = seq.output_ids[seq.emitted_tokens:]

@@ -34,6 +34,7 @@ class AdapterInfo:
     scaling: float
     use_rslora: bool
     target_modules: list[str]
+    load_id: int = 0                   # distinguishes reloads of one name (prefix-cache salt)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "path": self.path, "rank": self.rank, "alpha": self.alpha,
@@ -134,12 +135,15 @@ class LoRARegistry:
         self.model = model
         self.max_loras = max_loras
         self.max_rank = max_rank
-        self.modules = model.lora_modules()
+        self.modules = model.lora_targets()          # Hugging Face module name -> (in, out)
+        self.linears = model.merged_linears()
         self.adapters: dict[str, AdapterInfo] = {}
         self.refs = [0] * max_loras        # requests holding each slot
         self.retired: set[int] = set()     # slots of replaced adapters, freed when unreferenced
         self.training: set[int] = set()    # slots that finetuning jobs write into
         self.rank = 0                      # current width of the stacks
+        self.version = 0                   # bumped when the stacks are reallocated (captured graphs go stale)
+        self.loads = 0
 
     def _free_slot(self) -> int:
         used = {a.slot for a in self.adapters.values()} | self.retired | self.training
@@ -150,19 +154,16 @@ class LoRARegistry:
 
     def _grow(self, rank: int) -> None:
         """Widen every stack to `rank` (zero-padded), keeping what the slots hold."""
-        p = next(iter(self.modules.values())).weight
-        for m in self.modules.values():
-            out_f, in_f = m.weight.shape
-            a = torch.zeros(self.max_loras, rank, in_f, dtype=p.dtype, device=p.device)
-            b = torch.zeros(self.max_loras, out_f, rank, dtype=p.dtype, device=p.device)
+        for m in self.linears:
+            p = m.weight
+            a = torch.zeros(self.max_loras, len(m.sizes), rank, m.in_features, dtype=p.dtype, device=p.device)
+            b = torch.zeros(self.max_loras, m.out_features, rank, dtype=p.dtype, device=p.device)
             if m.lora_a is not None:
-                a[:, : self.rank] = m.lora_a
+                a[:, :, : self.rank] = m.lora_a
                 b[:, :, : self.rank] = m.lora_b
             m.lora_a, m.lora_b = a, b
-            if m.lora_scale is None:
-                m.lora_scale = torch.zeros(self.max_loras, dtype=torch.float32, device=p.device)
-                m.lora_on = [False] * self.max_loras
         self.rank = rank
+        self.version += 1
 
     def load(self, name: str, adapter_dir: Path, display_path: str | None = None,
              root: Path | None = None) -> AdapterInfo:
@@ -175,47 +176,48 @@ class LoRARegistry:
         unknown = sorted({m.rsplit(".", 1)[-1] for m in modules} - set(LORA_TARGETS))
         if unknown:
             raise AdapterError(f"unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
-        dtype = next(iter(self.modules.values())).weight.dtype
+        dtype = self.linears[0].weight.dtype
+        scaling = adapter_scaling(cfg)   # folded into B when written to a slot
         for module, ab in modules.items():
             if module not in self.modules:
                 raise AdapterError(f"adapter targets {module!r}, which this base model does not have")
             if set(ab) != {"A", "B"}:
                 raise AdapterError(f"{module} lacks lora_A or lora_B")
-            target = self.modules[module]
-            if ab["A"].shape != (rank, target.weight.shape[1]) or ab["B"].shape != (target.weight.shape[0], rank):
+            in_f, out_f = self.modules[module]
+            if ab["A"].shape != (rank, in_f) or ab["B"].shape != (out_f, rank):
                 raise AdapterError(f"{module}: LoRA shapes {tuple(ab['A'].shape)}/{tuple(ab['B'].shape)} do not "
-                                   f"fit a {tuple(target.weight.shape)} projection with r={rank}")
-            if not all(torch.isfinite(t.to(dtype)).all() for t in ab.values()):
-                raise AdapterError(f"{module}: LoRA weights overflow the serving dtype {dtype}")
+                                   f"fit a {(out_f, in_f)} projection with r={rank}")
+            served = (ab["A"].to(dtype), (ab["B"].float() * scaling).to(dtype))
+            if not all(torch.isfinite(t).all() for t in served):
+                raise AdapterError(f"{module}: LoRA weights times the scaling overflow the serving dtype {dtype}")
         alpha = float(cfg.get("lora_alpha", rank))
         rslora = cfg.get("use_rslora", False)
-        scaling = adapter_scaling(cfg)
         slot = self._free_slot()
         self.write_slot(slot, {k: (v["A"], v["B"]) for k, v in modules.items()}, scaling)
         old = self.adapters.get(name)
         if old is not None:
             self._retire(old.slot)
         targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
-        info = AdapterInfo(name, display_path or adapter_dir.name, slot, rank, alpha, scaling, rslora, targets)
+        self.loads += 1
+        info = AdapterInfo(name, display_path or adapter_dir.name, slot, rank, alpha, scaling, rslora, targets,
+                           self.loads)
         self.adapters[name] = info
         return info
 
     def write_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
-        """Put {module: (A, B)} into a slot; modules not named get no delta from it."""
+        """Put {module: (A, B)} into a slot, the scaling folded into B; modules not named get no delta from it."""
         rank = max(a.shape[0] for a, _ in weights.values())
         if rank > self.rank:
             self._grow(rank)
         with torch.no_grad():
-            for name, m in self.modules.items():
+            for m in self.linears:
                 m.lora_a[slot].zero_()
                 m.lora_b[slot].zero_()
-                m.lora_scale[slot] = 0.0
-                m.lora_on[slot] = name in weights and scaling != 0
-                if name in weights:
-                    a, b = weights[name]
-                    m.lora_a[slot, : a.shape[0]] = a.to(m.lora_a.dtype)
-                    m.lora_b[slot, :, : a.shape[0]] = b.to(m.lora_b.dtype)
-                    m.lora_scale[slot] = scaling
+                for i, (name, lo, hi) in enumerate(zip(m.names, m.offsets, m.offsets[1:])):
+                    if name in weights:
+                        a, b = weights[name]
+                        m.lora_a[slot, i, : a.shape[0]] = a.to(m.lora_a.dtype)
+                        m.lora_b[slot, lo:hi, : a.shape[0]] = (b.float() * scaling).to(m.lora_b.dtype)
 
     def reserve_training_slot(self) -> int:
         slot = self._free_slot()

@@ -1,5 +1,8 @@
 """Builds each iteration: decode tokens first, then prefill chunks, within a token budget and the KV blocks.
-When blocks run out the latest-arrived request is preempted: its blocks are freed and it is recomputed later."""
+When blocks run out the latest-arrived request is preempted: its blocks are freed and it is recomputed later.
+A request admitted from the queue starts after its longest cached prefix (see `BlockManager.lookup`); the
+blocks a request has filled are offered to the cache at the start of the next `schedule()` (the engine has
+advanced `num_computed` past tokens whose KV it wrote), and when it is preempted or finishes."""
 from __future__ import annotations
 
 from collections import deque
@@ -27,6 +30,9 @@ class Chunk:
 
 
 class Scheduler:
+    """Plans iterations over `blocks`; prefix caching is the block manager's switch
+    (`BlockManager(..., enable_prefix_caching=...)`)."""
+
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
@@ -43,6 +49,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished (or aborted) and give its blocks back."""
         seq.status, seq.finish_reason = Status.FINISHED, reason
+        self._commit(seq)
         self.blocks.release(seq.request_id)
         if seq in self.running:
             self.running.remove(seq)
@@ -50,11 +57,24 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        self._commit(seq)
         self.blocks.release(seq.request_id)
         self.running.remove(seq)
         seq.status, seq.num_computed = Status.WAITING, 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    @staticmethod
+    def _salt(seq: Sequence) -> tuple[bool, str | None]:
+        """Whether the sequence may use the prefix cache, and its salt: a sequence with an adapter but no
+        `cache_salt` naming that adapter's version must not share KV with anyone."""
+        return seq.adapter_slot is None or seq.cache_salt is not None, seq.cache_salt
+
+    def _commit(self, seq: Sequence) -> None:
+        """Offer the sequence's newly filled blocks to the cache (cheap when none filled since last time)."""
+        cacheable, salt = self._salt(seq)
+        if cacheable and seq.num_computed >= (self.blocks.num_committed(seq.request_id) + 1) * self.blocks.block_size:
+            self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed, salt)
 
     def _fit(self, seq: Sequence, length: int, scheduled: set[str]) -> bool:
         """Get blocks for `length` more tokens of a running seq, preempting later unscheduled ones if needed."""
@@ -72,6 +92,8 @@ class Scheduler:
         chunks: list[Chunk] = []
         scheduled: set[str] = set()
         preempted = False
+        for seq in self.running:
+            self._commit(seq)
         decodes = [s for s in self.running if s.num_uncomputed == 1]
         prefills = [s for s in self.running if s.num_uncomputed > 1]
         for seq in sorted(decodes, key=lambda s: s.arrival) + sorted(prefills, key=lambda s: s.arrival):
@@ -88,14 +110,17 @@ class Scheduler:
             budget -= length
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            length = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_allocate(seq.request_id, length):
+            cacheable, salt = self._salt(seq)
+            hit = self.blocks.lookup(seq.request_id, seq.token_ids, salt) if cacheable else None
+            start = hit.num_tokens if hit else 0
+            length = min(seq.num_tokens - start, budget)
+            if not self.blocks.can_allocate(seq.request_id, start + length, hit):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq.request_id, length)
-            seq.status = Status.RUNNING
+            self.blocks.allocate(seq.request_id, start + length, hit)
+            seq.status, seq.num_computed = Status.RUNNING, start
             self.running.append(seq)
-            chunks.append(Chunk(seq, 0, length))
+            chunks.append(Chunk(seq, start, length))
             scheduled.add(seq.request_id)
             budget -= length
         return chunks

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+import random
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 from coserve.engine.sampling import SamplingParams
 
@@ -30,6 +30,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None         # why the request failed (finish_reason "error"); the batch went on
 
 
 @dataclass
@@ -45,15 +46,20 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
-    generator: torch.Generator | None = None
+    sample_seed: int = 0             # the request's seed, or one drawn for it: its random stream is its own
     text: str = ""                   # decoded output, stop strings cut off
     emitted_chars: int = 0
     emitted_tokens: int = 0
     num_preemptions: int = 0
+    detokenizer: Any = None          # the engine's incremental detokenizer for this output
+    cache_salt: str | None = None    # names the adapter version in prefix-cache hashes (None: base model)
 
     def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+        self.sample_seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+
+    def token(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
 
     @property
     def token_ids(self) -> list[int]:

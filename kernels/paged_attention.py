@@ -69,3 +69,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         allowed &= q_pos - k_pos < sliding_window
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+
+
+def write_kv_skip_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+    """write_kv_torch for batches with padding rows: a token whose slot is negative is not stored."""
+    keep = slot_mapping >= 0
+    write_kv_torch(k[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
+
+
+def unified_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float, sliding_window: int | None, max_query_len: int,
+                            num_kv_splits: int = 1) -> None:
+    """The spec of the Triton unified_attention: sequence b's rows query_start_loc[b]:[b+1] are the last
+    positions of its seq_lens[b] cached keys; rows of padding (seq_len 0, or past query_start_loc[-1]) get zeros.
+
+    max_query_len and num_kv_splits only tune the kernel; they do not change the result.
+    """
+    out.zero_()
+    starts = query_start_loc.tolist()
+    for b, ctx in enumerate(seq_lens.tolist()):
+        lo, hi = starts[b], starts[b + 1]
+        if ctx == 0 or hi == lo:
+            continue
+        k, v = gather_kv(k_cache, v_cache, block_tables[b], ctx)
+        out[lo:hi] = causal_attention(q[lo:hi], k, v, scale, sliding_window).to(out.dtype)

@@ -1,12 +1,18 @@
 """Shared fixtures: tiny Hugging Face model directories built by the project itself, and engines over them."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
 import torch
 
-from coserve.engine.demo_model import TinyModelSpec, write_tiny_model
+if not torch.cuda.is_available():   # Triton kernels run in Triton's interpreter on a CPU (set before they import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from coserve.engine.demo_model import TinyModelSpec, write_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 

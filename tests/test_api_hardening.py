@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from api_app import AUTH, api_client, assert_openai_error, engine_of, write_lora
@@ -186,6 +187,30 @@ def test_an_unexpected_error_answers_500_without_internals(client, caplog):
     assert err["message"] == "internal server error" and "NoneType" not in json.dumps(err)
     assert any(r.exc_info and "/admin/capacity" in r.getMessage() for r in caplog.records)
     assert client.get("/admin/capacity", headers=AUTH).status_code == 200
+
+
+def test_a_request_whose_logits_break_fails_alone(client):
+    """Poisoned adapter weights (written into the slot directly: loading refuses them) fail that adapter's
+    requests with a 500 in OpenAI's shape, streamed or not (the first token already fails, so no stream has
+    begun); the base request beside them is served."""
+    core = engine_of(client).engine
+    slot = core.loras.adapters["small"].slot
+    hidden = core.model_config.hidden_size
+    q = "model.layers.0.self_attn.q_proj"
+    out_f = core.loras.modules[q][1]
+    core.loras.write_slot(slot, {q: (torch.full((4, hidden), float("nan")), torch.ones(out_f, 4))}, 1.0)
+    try:
+        body = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
+        with ThreadPoolExecutor(3) as pool:
+            plain = pool.submit(client.post, "/v1/completions", json={**body, "model": "small"})
+            stream = pool.submit(client.post, "/v1/completions", json={**body, "model": "small", "stream": True})
+            base = pool.submit(client.post, "/v1/completions", json={**body, "model": "tiny"})
+            plain, stream, base = plain.result(timeout=60), stream.result(timeout=60), base.result(timeout=60)
+    finally:
+        assert client.put("/admin/adapters/small", json={"path": "adapters/small"}, headers=AUTH).status_code == 200
+    for answer in (plain, stream):
+        assert "non-finite" in assert_openai_error(answer, 500)["message"]
+    assert base.status_code == 200 and base.json()["usage"]["completion_tokens"] == 8
 
 
 def test_a_failed_iteration_answers_every_request_it_cut(client):

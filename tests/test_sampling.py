@@ -5,28 +5,36 @@ import pytest
 import torch
 
 from coserve_testlib import make_engine
-from coserve.engine.sampling import SamplingParams, filter_logits, sample
+from coserve.engine.sampling import SamplingParams
 
 
-def test_filter_logits_top_k_and_top_p():
-    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0]])
-    kept = filter_logits(logits, top_k=2, top_p=1.0).isfinite()
-    assert kept.tolist() == [[False, True, False, True]]
-    probs = torch.softmax(logits, -1)[0]   # ~[0.03, 0.64, 0.09, 0.24]
-    kept = filter_logits(logits, top_k=0, top_p=0.7).isfinite()[0]
-    assert kept.tolist() == [False, True, False, True] and probs[1] < 0.7 <= probs[1] + probs[3]
-    assert filter_logits(logits, 0, 0.01).isfinite().sum() == 1
+def test_a_request_whose_logits_go_bad_fails_alone(llama_dir):
+    """A poisoned adapter slot makes one request's logits NaN: it ends with an error, its batch-mates finish."""
+    engine = make_engine(llama_dir)
+    slot = engine.loras.reserve_training_slot()
+    weights = {n: (torch.full((4, i), float("nan")), torch.ones(o, 4)) for n, (i, o) in
+               engine.model.lora_targets().items() if n.endswith("q_proj")}
+    engine.loras.write_slot(slot, weights, 1.0)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    engine.add_request("poisoned", [5, 6, 7], params)
+    engine.requests["poisoned"].adapter_slot = slot
+    engine.add_request("healthy", [5, 6, 7], params)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    poisoned = [o for o in outputs if o.request_id == "poisoned"]
+    healthy = [o for o in outputs if o.request_id == "healthy"]
+    assert poisoned[-1].finish_reason == "error" and "non-finite" in poisoned[-1].error
+    assert healthy[-1].finish_reason == "length" and sum(len(o.token_ids) for o in healthy) == 6
 
 
-def test_sample_is_reproducible_per_row_generator():
-    logits = torch.randn(3, 50)
-    p = [SamplingParams(temperature=1.0, seed=1)] * 3
-    first = sample(logits, p, [torch.Generator().manual_seed(5) for _ in range(3)])[0]
-    again = sample(logits, p, [torch.Generator().manual_seed(5) for _ in range(3)])[0]
-    assert first == again
-    greedy, lps = sample(logits, [SamplingParams(temperature=0)] * 3, [None] * 3)
-    assert greedy == logits.argmax(-1).tolist()
-    assert lps == pytest.approx(torch.log_softmax(logits, -1).max(-1).values.tolist(), abs=1e-6)
+def test_tiny_temperatures_are_greedy(llama_dir):
+    engine = make_engine(llama_dir)
+    prompt = engine.tokenizer("Hello, world!").input_ids
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    tiny = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=1e-300, ignore_eos=True))[0]
+    assert tiny.output_ids == greedy.output_ids
+    assert all(lp == lp for lp in tiny.output_logprobs)   # no NaN
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2)])

@@ -96,6 +96,8 @@ def openai_router(engine: AsyncEngine) -> APIRouter:
         count = 0
         try:
             async for out in engine.generate(rid, ids, params, adapter):
+                if out.error:   # this request alone failed (e.g. its logits were not finite); the batch went on
+                    raise APIError(500, out.error, kind="server_error")
                 now = time.monotonic()
                 if out.token_ids and first is None:
                     first = now

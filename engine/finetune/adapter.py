@@ -19,10 +19,9 @@ class TrainAdapter:
         g = torch.Generator().manual_seed(seed)
         device = model.lm_head.weight.device
         self.params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, m in model.lora_modules().items():
+        for name, (in_f, out_f) in model.lora_targets().items():
             if name.rsplit(".", 1)[-1] not in spec.target_modules:
                 continue
-            out_f, in_f = m.weight.shape
             a = torch.empty(spec.r, in_f)
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)   # PEFT's default init
             self.params[name] = (a.to(device).requires_grad_(), torch.zeros(out_f, spec.r, device=device,

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.dataset import IGNORE
-from coserve.engine.model.llama import CausalLM, LoRAGroup
+from coserve.engine.layers.lora_batch import LoRABatch
+from coserve.engine.model.llama import CausalLM, stream
 from coserve.kernels.paged_attention import causal_attention, gather_kv
 
 
@@ -108,7 +109,7 @@ class SequenceBackward:
     def _head_unit(self, ks: range) -> None:
         """Loss of the unit's positions (labels shifted over the whole sequence) and dL/d(final hidden)."""
         start, length, h = self._span(ks, -1)
-        logits = self.model.lm_head(self.model.model.norm(h)).float()
+        logits = self.model.lm_head(self.model.model.norm(h)[0]).float()
         targets = self.labels[start + 1:start + length + 1]
         targets = torch.tensor(targets + [IGNORE] * (length - len(targets)), device=h.device)
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
@@ -136,9 +137,10 @@ class SequenceBackward:
             values = torch.cat([past_v.to(value.dtype), value])
             return causal_attention(q, keys, values, cfg.head_dim ** -0.5, cfg.sliding_window)
 
-        cos, sin = model.rotary(torch.arange(start, start + length, device=x.device))
+        positions = torch.arange(start, start + length, device=x.device)
         dropout = self.chunks[ks.start].dropout if len(ks) == 1 else None
-        out = layer(x, cos, sin, [LoRAGroup(self.adapter, None, dropout)], attend)
+        lora = LoRABatch.training(self.adapter, length, x.device, dropout)
+        out = stream(*layer(x, None, positions, model.cos_sin, lora, attend))
         span = slice(start, start + length)
         grad_out = torch.cat([self.grad_out[k] for k in ks])
         surrogate = ((out.float() * grad_out).sum() + (own["k"].float() * self.dk[span]).sum()

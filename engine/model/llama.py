@@ -1,107 +1,37 @@
-"""Llama-family decoder over a flat token batch: RMSNorm, rotary, GQA paged attention, SwiGLU, LoRA-aware
-projections. One forward serves any mix of prefill chunks and decode tokens of many sequences."""
+"""Llama-family decoder over a flat token batch: RMSNorm, rotary, GQA paged attention, SwiGLU, LoRA-aware merged
+projections (q/k/v and gate/up each one GEMM). One forward serves any mix of prefill chunks and decode tokens of
+many sequences, plus finetuning chunks whose layer inputs are kept for their backward."""
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
 
+from coserve.engine.layers.attention import AttentionMetadata, paged_attention
+from coserve.engine.layers.linear import MergedLoRALinear
+from coserve.engine.layers.lora_batch import LoRABatch
+from coserve.engine.layers.ops import RMSNorm, rotary, silu_and_mul
 from coserve.engine.model.config import ModelConfig
-from coserve.kernels.lora import lora_delta_torch
-from coserve.kernels.paged_attention import decode_attention_torch, paged_attention_torch, write_kv_torch
+from coserve.kernels.norm_rotary import rotary_cache
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class ForwardBatch:
-    """Everything one forward needs: flat tokens plus, per sequence, where its queries and KV blocks are."""
+    """Everything one forward needs: flat tokens, the iteration's attention metadata and adapters."""
 
     input_ids: torch.Tensor          # [T]
     positions: torch.Tensor          # [T]
-    slot_mapping: torch.Tensor       # [T] cache slot of each token
-    block_tables: list[torch.Tensor]  # sequences with several query tokens (prefill chunks) ...
-    query_starts: list[int]
-    query_lens: list[int]
-    context_lens: list[int]
+    attn: AttentionMetadata
+    lora: LoRABatch
     logits_indices: torch.Tensor     # rows whose logits are wanted
-    decode_rows: torch.Tensor | None = None     # ... and sequences with one (decode), attended in one pass
-    decode_tables: torch.Tensor | None = None   # [B, blocks], padded
-    decode_context_lens: torch.Tensor | None = None
-    decode_max_context: int = 0
-    lora_groups: list["LoRAGroup"] = field(default_factory=list)
     capture_rows: torch.Tensor | None = None   # rows whose layer inputs finetuning keeps
     captured: list[torch.Tensor] = field(default_factory=list)  # per layer input, then the final hidden state
-
-
-class TrainableLoRA(Protocol):
-    """A finetuning job's adapter in autograd form; it applies to every row of the unit it is passed to."""
-
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None: ...
-
-
-@dataclass
-class LoRAGroup:
-    """Rows that use one adapter: a serving slot, or a training job's adapter (then every row of the unit).
-    `dropout(module, x)`, if set, drops the LoRA branch's input as PEFT's lora_dropout does."""
-
-    owner: "int | TrainableLoRA"
-    rows: torch.Tensor | None = None
-    dropout: Callable[[str, torch.Tensor], torch.Tensor] | None = None
-
-
-LoRAGroups = list[LoRAGroup]
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-class LoRALinear(nn.Module):
-    """A linear layer plus stacked LoRA slots; each token adds the delta of its own adapter, if any."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool):
-        super().__init__()
-        self.name = ""                    # Hugging Face module name, set by CausalLM
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.lora_a: torch.Tensor | None = None   # [S, R, in]
-        self.lora_b: torch.Tensor | None = None   # [S, out, R]
-        self.lora_scale: torch.Tensor | None = None  # [S]; 0 where the slot does not adapt this module
-        self.lora_on: list[bool] = []     # host copy of lora_scale != 0, so the hot path never syncs
-
-    def forward(self, x: torch.Tensor, lora_groups: LoRAGroups) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
-        served = [g for g in lora_groups if isinstance(g.owner, int) and self.lora_on and self.lora_on[g.owner]]
-        plain = [(g.owner, g.rows) for g in served if g.dropout is None]
-        if plain:
-            lora_delta_torch(x, self.lora_a, self.lora_b, self.lora_scale, plain, y)
-        for g in served:
-            if g.dropout is not None:
-                xs = g.dropout(self.name, x.index_select(0, g.rows))
-                every = torch.arange(len(g.rows), device=x.device)
-                delta = lora_delta_torch(xs, self.lora_a, self.lora_b, self.lora_scale, [(g.owner, every)],
-                                         torch.zeros(len(g.rows), y.shape[1], dtype=y.dtype, device=y.device))
-                y.index_add_(0, g.rows, delta)
-        for g in lora_groups:
-            if not isinstance(g.owner, int):
-                d = g.owner.delta(self.name, g.dropout(self.name, x) if g.dropout else x)
-                if d is not None:
-                    y = y + d
-        return y
 
 
 def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -123,110 +53,127 @@ def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves (the Hugging Face Llama convention). x: [T, H, D]; cos/sin: [T, D/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fast: bool):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.fast = cfg, fast
         hd = cfg.head_dim
-        self.q_proj = LoRALinear(cfg.hidden_size, cfg.num_heads * hd, cfg.qkv_bias)
-        self.k_proj = LoRALinear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias)
-        self.v_proj = LoRALinear(cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias)
-        self.o_proj = LoRALinear(cfg.num_heads * hd, cfg.hidden_size, cfg.o_bias)
+        self.q_size, self.kv_size = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        self.qkv_proj = MergedLoRALinear(cfg.hidden_size, {"q_proj": self.q_size, "k_proj": self.kv_size,
+                                                           "v_proj": self.kv_size}, cfg.qkv_bias, fast)
+        self.o_proj = MergedLoRALinear(self.q_size, {"o_proj": cfg.hidden_size}, cfg.o_bias, fast)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, g: LoRAGroups,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, lora: LoRABatch,
                 attend: Attend) -> torch.Tensor:
         """`attend(q, k, v)` decides where keys live: the paged cache when serving, tensors when training."""
         cfg = self.cfg
-        q = apply_rotary(self.q_proj(x, g).view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x, g).view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = self.v_proj(x, g).view(-1, cfg.num_kv_heads, cfg.head_dim)
-        return self.o_proj(attend(q, k, v).flatten(1), g)
+        q, k, v = self.qkv_proj(x, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rotary(q.view(-1, cfg.num_heads, cfg.head_dim), k.view(-1, cfg.num_kv_heads, cfg.head_dim),
+                      positions, cos_sin, self.fast)
+        return self.o_proj(attend(q, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim)).flatten(1), lora)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fast: bool):
         super().__init__()
-        self.gate_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False)
-        self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False)
-        self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, False)
+        self.fast = fast
+        self.gate_up_proj = MergedLoRALinear(cfg.hidden_size, {"gate_proj": cfg.intermediate_size,
+                                                               "up_proj": cfg.intermediate_size}, False, fast)
+        self.down_proj = MergedLoRALinear(cfg.intermediate_size, {"down_proj": cfg.hidden_size}, False, fast)
 
-    def forward(self, x: torch.Tensor, g: LoRAGroups) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x, g)) * self.up_proj(x, g), g)
+    def forward(self, x: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, lora), self.fast), lora)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fast: bool):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, fast)
+        self.mlp = MLP(cfg, fast)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fast)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fast)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, g: LoRAGroups,
-                attend: Attend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, g, attend)
-        return x + self.mlp(self.post_attention_layernorm(x), g)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                cos_sin: torch.Tensor, lora: LoRABatch, attend: Attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream travels as (hidden, residual) so each add fuses into the next norm; the stream
+        after the layer is hidden + residual (with residual None the input stream is `hidden`)."""
+        x, residual = self.input_layernorm(hidden, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, positions, cos_sin, lora, attend), residual)
+        return self.mlp(x, lora), residual
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fast: bool):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, fast) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fast)
+
+
+def stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The residual stream's value, rounded as the fused add rounds it."""
+    return hidden if residual is None else hidden + residual
 
 
 class CausalLM(nn.Module):
-    """Module names mirror Hugging Face's, so checkpoint tensors load by name."""
+    """Hugging Face names stay the outside view: `hf_tensors()` maps each checkpoint tensor to its slice of a
+    merged parameter, and `lora_targets()` lists the adaptable projections by their Hugging Face module names."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fast: bool = False):
         super().__init__()
-        self.cfg = cfg
-        self.model = Decoder(cfg)
+        self.cfg, self.fast = cfg, fast
+        self.model = Decoder(cfg, fast)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
-        for name, m in self.named_modules():
-            if isinstance(m, LoRALinear):
-                m.name = name
+        self.register_buffer("cos_sin", rotary_cache(self.inv_freq, cfg.max_position_embeddings),
+                             persistent=False)
+        for prefix, m in self.named_modules():
+            if isinstance(m, MergedLoRALinear):
+                parent = prefix.rsplit(".", 1)[0]
+                m.names = [f"{parent}.{s}" for s in m.slice_names]
 
-    def lora_modules(self) -> dict[str, LoRALinear]:
-        """Adaptable projections by their Hugging Face name (e.g. `model.layers.0.self_attn.q_proj`)."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, LoRALinear)}
+    def merged_linears(self) -> list[MergedLoRALinear]:
+        return [m for m in self.modules() if isinstance(m, MergedLoRALinear)]
 
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos(), freqs.sin()
+    def lora_targets(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each adaptable projection by its Hugging Face module name."""
+        return {name: (m.in_features, size) for m in self.merged_linears() for name, size in zip(m.names, m.sizes)}
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter under its Hugging Face checkpoint name (merged ones as views of their slice)."""
+        out = {}
+        for name, p in self.named_parameters():
+            owner = self.get_submodule(name.rsplit(".", 1)[0])
+            if not isinstance(owner, MergedLoRALinear):
+                out[name] = p
+        for m in self.merged_linears():
+            out.update(m.hf_tensors())
+        return out
+
+    def reset_rotary(self) -> None:
+        """Recompute the rotary tables in float32, as Hugging Face keeps them (after materialising from the meta
+        device and casting the weights)."""
+        device = self.lm_head.weight.device
+        self.inv_freq = rotary_inv_freq(self.cfg).to(device)
+        self.cos_sin = rotary_cache(self.inv_freq, self.cfg.max_position_embeddings)
 
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run the batch, writing its keys/values into the cache; returns logits [len(logits_indices), V].
         Layer inputs of `capture_rows` (and their final hidden state) are appended to `batch.captured`."""
-        cos, sin = self.rotary(batch.positions)
-        cfg = self.cfg
-        x = self.model.embed_tokens(batch.input_ids)
-        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
+        cfg, scale = self.cfg, self.cfg.head_dim ** -0.5
+        hidden, residual = self.model.embed_tokens(batch.input_ids), None
+        rows = batch.capture_rows
+        for layer, cache in zip(self.model.layers, kv_caches):
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                write_kv_torch(k, v, k_cache, v_cache, batch.slot_mapping)
-                out = torch.empty_like(q)
-                if batch.decode_rows is not None:
-                    out[batch.decode_rows] = decode_attention_torch(
-                        q[batch.decode_rows], k_cache, v_cache, batch.decode_tables, batch.decode_context_lens,
-                        batch.decode_max_context, cfg.head_dim ** -0.5, cfg.sliding_window)
-                return paged_attention_torch(q, k_cache, v_cache, batch.block_tables, batch.query_starts,
-                                             batch.query_lens, batch.context_lens, cfg.head_dim ** -0.5,
-                                             cfg.sliding_window, out)
-            if batch.capture_rows is not None:
-                batch.captured.append(x.index_select(0, batch.capture_rows))
-            x = layer(x, cos, sin, batch.lora_groups, attend)
-        if batch.capture_rows is not None:
-            batch.captured.append(x.index_select(0, batch.capture_rows))
-        x = self.model.norm(x.index_select(0, batch.logits_indices))
+                return paged_attention(q, k, v, cache, batch.attn, scale, cfg.sliding_window, self.fast)
+            if rows is not None:
+                batch.captured.append(stream(hidden.index_select(0, rows),
+                                             None if residual is None else residual.index_select(0, rows)))
+            hidden, residual = layer(hidden, residual, batch.positions, self.cos_sin, batch.lora, attend)
+        if rows is not None:
+            batch.captured.append(stream(hidden.index_select(0, rows), residual.index_select(0, rows)))
+        idx = batch.logits_indices
+        x, _ = self.model.norm(hidden.index_select(0, idx), residual.index_select(0, idx))
         return self.lm_head(x).float()

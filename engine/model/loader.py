@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from coserve.engine.model.config import ModelConfig
-from coserve.engine.model.llama import CausalLM, rotary_inv_freq
+from coserve.engine.model.llama import CausalLM
 from coserve.engine.paths import file_under, is_under
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,21 +39,22 @@ def check_under_root(model_dir: Path, files: list[Path], data_root: str | Path |
         file_under(data_root, file)
 
 
-def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", fast: bool = False,
                data_root: str | Path | None = None) -> CausalLM:
-    """Build the decoder for the directory's config and copy every checkpoint tensor into it by name."""
+    """Build the decoder for the directory's config and copy every checkpoint tensor into it by its Hugging Face
+    name (q/k/v and gate/up land in their slices of the merged projections)."""
     model_dir = Path(model_dir)
     check_under_root(model_dir, [model_dir / "config.json"], data_root)
     cfg = ModelConfig.from_dir(model_dir)
     files = safetensors_files(model_dir)
     check_under_root(model_dir, files, data_root)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg, fast)
     model = model.to_empty(device=device).to(DTYPES[dtype])
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq.copy_(rotary_inv_freq(cfg))
-    params = dict(model.named_parameters())
+    model.reset_rotary()
+    params = model.hf_tensors()
     loaded: set[str] = set()
     for file in files:
         try:
@@ -67,7 +68,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32
     return model
 
 
-def _copy_tensors(file: Path, params: dict[str, torch.nn.Parameter], cfg: ModelConfig) -> set[str]:
+def _copy_tensors(file: Path, params: dict[str, torch.Tensor], cfg: ModelConfig) -> set[str]:
     """Copy one weight file's tensors into the model by name; returns the names copied."""
     loaded = set()
     with safe_open(str(file), framework="pt", device="cpu") as f:

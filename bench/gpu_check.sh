@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call (issue 10): each Triton kernel against its PyTorch twin on the GPU with fresh
+# random inputs, the fast path against the reference path (eager and CUDA graphs), then the inference benchmark.
+#   bash bench/gpu_check.sh [OUT_DIR]       (the device image has torch/triton/transformers/peft; .whl carries pydantic)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-/tmp/coserve-gpu}}"
+mkdir -p "$out" /tmp/site/coserve
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+touch /tmp/site/coserve/__init__.py
+for pkg in engine kernels operator; do ln -sfn "$PWD/$pkg" "/tmp/site/coserve/$pkg"; done
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+python3 -m pytest -q -p no:cacheprovider tests/test_kernel_attention.py tests/test_kernel_lora.py \
+    tests/test_kernel_fused_ops.py tests/test_kernel_sampling.py tests/test_fast_path.py 2>&1 | tee "$out/kernels.log" | tail -15
+python3 bench/inference_bench.py --out "$out/inference.json" ${BENCH_ARGS:-} 2> "$out/bench.log"
+tail -5 "$out/bench.log"

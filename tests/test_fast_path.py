@@ -1,0 +1,79 @@
+"""The fast path (merged weights through the Triton kernels: unified paged attention, multi-LoRA shrink/expand,
+fused norm/rotary/SiLU, batched sampler) equals the reference path (the PyTorch twins) on the same batch. On a
+CPU the kernels run in Triton's interpreter (tests/conftest.py); on a GPU the same test runs them for real."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coserve_testlib import ADAPTERS, make_engine, make_peft_adapter, rel_err
+from coserve.engine.runner import build_batch
+from coserve.engine.sampling import SamplingParams
+from coserve.engine.scheduler import Chunk
+from coserve.engine.sequence import Sequence
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def engines(model_dir, adapters):
+    """A reference engine and a fast one over the same weights and adapters (fp32, no CUDA graphs)."""
+    out = []
+    for fast in (False, True):
+        engine = make_engine(model_dir, device=DEVICE, dtype="float32", fast_path=fast, cuda_graphs=False,
+                             max_loras=4)
+        for name, path in adapters.items():
+            engine.loras.load(name, path)
+        out.append(engine)
+    return out
+
+
+def test_fast_forward_equals_reference_on_a_mixed_batch(llama_dir, tmp_path):
+    adapters = {name: make_peft_adapter(llama_dir, tmp_path / name, i, **ADAPTERS[name])
+                for i, name in enumerate(("attn-r8", "all-r16-rslora"))}
+    ref, fast = engines(llama_dir, adapters)
+    logits = []
+    for engine in (ref, fast):
+        # a prefill chunk with a cached prefix (adapter 1), a whole prompt (base), a decode token (adapter 0)
+        seqs = [Sequence("a", list(range(3, 30)), SamplingParams()), Sequence("b", list(range(40, 52)),
+                                                                              SamplingParams()),
+                Sequence("c", list(range(60, 70)), SamplingParams())]
+        seqs[0].adapter_slot = engine.loras.adapters["all-r16-rslora"].slot
+        seqs[2].adapter_slot = engine.loras.adapters["attn-r8"].slot
+        for s in seqs:
+            engine.blocks.allocate(s.request_id, s.num_tokens)
+        first = [Chunk(seqs[0], 0, 20), Chunk(seqs[2], 0, 9)]
+        engine.model(build_batch(first, engine.blocks, DEVICE, num_slots=4),
+                     engine.kv_caches)
+        chunks = [Chunk(seqs[0], 20, 7), Chunk(seqs[1], 0, 12), Chunk(seqs[2], 9, 1)]
+        batch = build_batch(chunks, engine.blocks, DEVICE, all_logits=True, num_slots=4)
+        with torch.no_grad():
+            logits.append(engine.model(batch, engine.kv_caches))
+    assert rel_err(logits[1], logits[0]) < 1e-4
+
+
+def test_fast_generation_equals_reference_tokens(llama_dir, tmp_path):
+    adapters = {"qv": make_peft_adapter(llama_dir, tmp_path / "qv", 3, **ADAPTERS["qv-r4"])}
+    ref, fast = engines(llama_dir, adapters)
+    prompts = [list(range(5, 17)), list(range(20, 25)), list(range(30, 50))]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
+    outs = [[s.output_ids for s in e.generate(prompts, params, ["qv", None, "qv"])] for e in (ref, fast)]
+    assert outs[1] == outs[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+def test_cuda_graph_decode_equals_eager(llama_dir, tmp_path):
+    """Decode iterations replayed from captured graphs (padded batch sizes, LoRA and base) give the eager tokens."""
+    adapters = {"qv": make_peft_adapter(llama_dir, tmp_path / "qv", 3, **ADAPTERS["qv-r4"])}
+    prompts = [list(range(5, 5 + n)) for n in (3, 9, 14, 30, 7)]
+    params = SamplingParams(max_tokens=12, temperature=0.7, seed=5, ignore_eos=True)
+    outs = []
+    for graphs in (False, True):
+        engine = make_engine(llama_dir, device="cuda", dtype="float32", cuda_graphs=graphs, max_loras=4,
+                             max_num_seqs=8)
+        engine.loras.load("qv", adapters["qv"])
+        engine.runner.warmup()
+        outs.append([s.output_ids for s in engine.generate(prompts, params, ["qv", None, None, "qv", None])])
+        assert (engine.runner.graphs is not None) == graphs
+    assert outs[1] == outs[0]
