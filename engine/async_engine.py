@@ -18,6 +18,10 @@ log = logging.getLogger("coserve.engine")
 T = TypeVar("T")
 
 
+class EngineFailure(RuntimeError):
+    """The iteration holding a request failed; the request was aborted (the API answers it with an error)."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: Metrics | None = None):
         self.engine = engine
@@ -41,11 +45,13 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # a failed iteration fails its requests, never the process
-                log.exception("engine step failed")
+            except Exception:  # the last resort: a failed iteration fails its requests, never the process
+                log.exception("engine step failed; aborting the %d requests in flight", len(self.engine.requests))
                 for rid in list(self.engine.requests):
                     self.engine.abort(rid)
-                    self._deliver(rid, exc)
+                    self.metrics.requests.labels("error").inc()
+                    self._deliver(rid, EngineFailure("the engine iteration serving this request failed, so the "
+                                                     "request was aborted; the server goes on"))
                 continue
             stats = self.engine.last_step
             self.metrics.tokens.labels("prompt").inc(stats.prefill_tokens)

@@ -44,10 +44,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           enable_prefix_caching=not args.no_enable_prefix_caching,
                           served_model_name=args.served_model_name, shutdown_grace_s=args.shutdown_grace,
                           admin_token=load_token(args.admin_token_file, os.environ.get("COSERVE_ADMIN_TOKEN")),
-                          adapters=parse_adapters(args.adapter))
+                          adapters=parse_adapters(args.adapter), max_body_bytes=args.max_body_bytes,
+                          max_prompt_chars=args.max_prompt_chars, enable_docs=args.enable_docs)
     engine = LLMEngine(config)
     for name, path in config.adapters.items():
-        engine.loras.load(name, resolve_under(config.data_root, path), path)
+        engine.loras.load(name, resolve_under(config.data_root, path), path, Path(config.data_root).resolve())
     engine.finetune.restore()
     async_engine = AsyncEngine(engine)
     async_engine.start()
@@ -127,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="latency target of one iteration (time per output token); finetuning work fills "
                             "what inference leaves of it")
     serve.add_argument("--max-finetune-jobs", type=int, default=2, help="finetuning jobs trained at once")
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+                       help="largest request body; larger ones answer 413 before they are read")
+    serve.add_argument("--max-prompt-chars", type=int,
+                       help="longest prompt in characters, refused before tokenizing "
+                            "(default: 8 per token of --max-model-len)")
+    serve.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
     serve.add_argument("--enforce-eager", action="store_true",
                        help="never replay CUDA graphs (debugging; graphs are only used on cuda anyway)")
     serve.add_argument("--no-fast-path", action="store_true",

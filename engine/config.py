@@ -30,6 +30,9 @@ class EngineConfig:
     admin_token: str | None = None
     served_model_name: str | None = None
     adapters: dict[str, str] = field(default_factory=dict)   # name -> path under data_root
+    max_body_bytes: int = 16 * 2**20    # larger request bodies answer 413 before they are parsed
+    max_prompt_chars: int | None = None  # default: 8 characters per token of max_model_len, checked before tokenizing
+    enable_docs: bool = False           # serve /docs, /redoc and /openapi.json
 
     @property
     def use_fast_path(self) -> bool:

@@ -45,7 +45,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, cost_model: CostModel | None = None):
         self.config = config
         dtype = DTYPES[config.torch_dtype_name]
-        self.model = load_model(config.model, config.device, config.torch_dtype_name, config.use_fast_path)
+        self.model = load_model(config.model, config.device, config.torch_dtype_name, config.use_fast_path,
+                                config.data_root)
         self.model_config = self.model.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(dtype)

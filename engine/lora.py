@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from coserve.engine.model.llama import LORA_TARGETS, CausalLM
+from coserve.engine.paths import PathError, file_under
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_SCALING = 1e4     # lora_alpha / r (or / sqrt(r)); real adapters stay far below
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -38,28 +41,93 @@ class AdapterInfo:
                 "scaling": self.scaling, "use_rslora": self.use_rslora, "target_modules": self.target_modules}
 
 
-def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """Read `adapter_config.json` and `adapter_model.safetensors` into {module: {"A": .., "B": ..}}."""
-    cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    if not cfg_path.is_file():
-        raise AdapterError(f"{adapter_dir} has no adapter_config.json")
-    if not weights_path.is_file():
-        raise AdapterError(f"{adapter_dir} has no adapter_model.safetensors (pickled adapters are refused)")
-    cfg = json.loads(cfg_path.read_text())
+def read_adapter(adapter_dir: Path, root: Path | None = None) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Read `adapter_config.json` and `adapter_model.safetensors` into {module: {"A": .., "B": ..}}, checking
+    both before anything uses them; each file must resolve under `root` (default: the adapter folder)."""
+    root = root or adapter_dir
+    cfg = check_adapter_config(_read_config(_adapter_file(adapter_dir, root, "adapter_config.json")))
+    weights_path = _adapter_file(adapter_dir, root, "adapter_model.safetensors",
+                                 " (pickled adapters are refused)")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = _KEY.match(key)
+                if m is None:
+                    raise AdapterError(f"unexpected tensor {key!r} in adapter_model.safetensors")
+                modules.setdefault(m["module"], {})[m["ab"]] = _check_tensor(key, f.get_tensor(key))
+    except SafetensorError as exc:
+        raise AdapterError(f"adapter_model.safetensors is not a valid safetensors file ({exc})") from exc
+    if not modules:
+        raise AdapterError("adapter_model.safetensors holds no LoRA tensors")
+    return cfg, modules
+
+
+def _adapter_file(adapter_dir: Path, root: Path, name: str, hint: str = "") -> Path:
+    path = adapter_dir / name
+    if not path.exists():
+        raise AdapterError(f"the adapter folder has no {name}{hint}")
+    try:
+        return file_under(root, path)
+    except PathError as exc:
+        raise AdapterError(str(exc)) from exc
+
+
+def _read_config(path: Path) -> object:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"adapter_config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterError(f"adapter_config.json is not valid JSON ({exc})") from exc
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_adapter_config(cfg: object) -> dict:
+    """The settings we honour, typed and finite: a PEFT config that is not an object, a rank that is not a
+    positive integer, a non-numeric or non-finite alpha, etc. is refused, naming the key."""
+    if not isinstance(cfg, dict):
+        raise AdapterError("adapter_config.json must hold a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not LORA")
+        raise AdapterError(f"adapter_config.json: peft_type {cfg.get('peft_type')!r} is not LORA")
     if cfg.get("use_dora"):
         raise AdapterError("DoRA adapters are not supported")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise AdapterError("rank_pattern/alpha_pattern are not supported")
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            m = _KEY.match(key)
-            if m is None:
-                raise AdapterError(f"unexpected tensor {key!r} in {weights_path.name}")
-            modules.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(key)
-    return cfg, modules
+    rank = cfg.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterError(f"adapter_config.json: r must be a positive integer, got {rank!r}")
+    alpha = cfg.get("lora_alpha", rank)
+    if not _number(alpha) or not math.isfinite(alpha):
+        raise AdapterError(f"adapter_config.json: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise AdapterError("adapter_config.json: use_rslora must be true or false")
+    scaling = adapter_scaling(cfg)
+    if not abs(scaling) <= MAX_SCALING:
+        raise AdapterError(f"adapter_config.json: lora_alpha gives the scaling {scaling:g}, beyond "
+                           f"{MAX_SCALING:g} in magnitude")
+    return cfg
+
+
+def adapter_scaling(cfg: dict) -> float:
+    """PEFT's scaling of a checked config: alpha / r, or alpha / sqrt(r) with rslora."""
+    rank, alpha = cfg["r"], float(cfg.get("lora_alpha", cfg["r"]))
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora", False) else alpha / rank
+
+
+def _check_tensor(key: str, t: torch.Tensor) -> torch.Tensor:
+    if not t.is_floating_point() or t.dim() != 2:
+        raise AdapterError(f"{key} must be a 2-D floating-point tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise AdapterError(f"{key} holds non-finite values (NaN or infinity)")
+    return t
 
 
 class LoRARegistry:
@@ -97,15 +165,19 @@ class LoRARegistry:
         self.rank = rank
         self.version += 1
 
-    def load(self, name: str, adapter_dir: Path, display_path: str | None = None) -> AdapterInfo:
-        """Load (or reload) `name` from a PEFT adapter folder."""
-        cfg, modules = read_adapter(adapter_dir)
-        rank = int(cfg.get("r", 0))
-        if not 1 <= rank <= self.max_rank:
+    def load(self, name: str, adapter_dir: Path, display_path: str | None = None,
+             root: Path | None = None) -> AdapterInfo:
+        """Load (or reload) `name` from a PEFT adapter folder whose files resolve under `root`; answers show
+        `display_path` (the path relative to the data root), never the server's own."""
+        cfg, modules = read_adapter(adapter_dir, root)
+        rank = cfg["r"]
+        if rank > self.max_rank:
             raise AdapterError(f"adapter rank r={rank} is outside 1..{self.max_rank} (--max-lora-rank)")
         unknown = sorted({m.rsplit(".", 1)[-1] for m in modules} - set(LORA_TARGETS))
         if unknown:
             raise AdapterError(f"unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
+        dtype = self.linears[0].weight.dtype
+        scaling = adapter_scaling(cfg)   # folded into B when written to a slot
         for module, ab in modules.items():
             if module not in self.modules:
                 raise AdapterError(f"adapter targets {module!r}, which this base model does not have")
@@ -115,9 +187,11 @@ class LoRARegistry:
             if ab["A"].shape != (rank, in_f) or ab["B"].shape != (out_f, rank):
                 raise AdapterError(f"{module}: LoRA shapes {tuple(ab['A'].shape)}/{tuple(ab['B'].shape)} do not "
                                    f"fit a {(out_f, in_f)} projection with r={rank}")
+            served = (ab["A"].to(dtype), (ab["B"].float() * scaling).to(dtype))
+            if not all(torch.isfinite(t).all() for t in served):
+                raise AdapterError(f"{module}: LoRA weights times the scaling overflow the serving dtype {dtype}")
         alpha = float(cfg.get("lora_alpha", rank))
-        rslora = bool(cfg.get("use_rslora", False))
-        scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        rslora = cfg.get("use_rslora", False)
         slot = self._free_slot()
         self.write_slot(slot, {k: (v["A"], v["B"]) for k, v in modules.items()}, scaling)
         old = self.adapters.get(name)
@@ -125,7 +199,7 @@ class LoRARegistry:
             self._retire(old.slot)
         targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
         self.loads += 1
-        info = AdapterInfo(name, display_path or str(adapter_dir), slot, rank, alpha, scaling, rslora, targets,
+        info = AdapterInfo(name, display_path or adapter_dir.name, slot, rank, alpha, scaling, rslora, targets,
                            self.loads)
         self.adapters[name] = info
         return info

@@ -29,6 +29,21 @@ class Metrics:
         self.job_loss = Gauge("coserve_finetune_loss", "Loss of the last optimizer step, by job", ["job"],
                               registry=r)
         self.adapters = Gauge("coserve_adapters_loaded", "LoRA adapters loaded", registry=r)
+        self._job_ids: set[str] = set()
+
+    def set_jobs(self, states: dict[str, int], jobs: dict[str, tuple[int, float | None]]) -> None:
+        """Job counts by state and each listed job's (step, loss); a job no longer listed loses its series,
+        so forgotten jobs do not pile up in every scrape."""
+        for state, count in states.items():
+            self.jobs.labels(state).set(count)
+        for job_id in self._job_ids - jobs.keys():
+            self.job_step.remove(job_id)
+            self.job_loss.remove(job_id)
+        for job_id, (step, loss) in jobs.items():
+            self.job_step.labels(job_id).set(step)
+            if loss is not None:
+                self.job_loss.labels(job_id).set(loss)
+        self._job_ids = set(jobs)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,7 @@ from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.record import fsync_tree
 from coserve.engine.finetune.spec import LoRASpec, TrainingSpec
 from coserve.engine.lora import read_adapter, write_adapter
+from coserve.engine.paths import file_under
 
 SUMS_FILE = "SHA256SUMS"
 ADAPTER_FILE = "adapter_model.safetensors"
