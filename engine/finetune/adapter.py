@@ -12,9 +12,8 @@ from coserve.engine.model.llama import CausalLM
 def lora_shapes(model: CausalLM, spec: LoRASpec) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """{module: (A shape, B shape)} of a job's adapter, in parameter order (what checkpoints must hold)."""
     shapes = {}
-    for name, m in model.lora_modules().items():
+    for name, (in_f, out_f) in model.lora_targets().items():
         if name.rsplit(".", 1)[-1] in spec.target_modules:
-            out_f, in_f = m.weight.shape
             shapes[name] = ((spec.r, in_f), (out_f, spec.r))
     return shapes
 
