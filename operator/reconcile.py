@@ -340,6 +340,11 @@ async def _reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]
             events.append(("Warning", "EngineLost", f"engine {placement['engine']} lost the job ({exc}); re-placing "
                            "from the last checkpoint"))
             out["lastFailure"] = {"engine": placement["engine"], "time": now_iso(), "message": str(exc)[:500]}
+        if progress is not None and progress.get("state") == "interrupted":
+            out.update(_progress_fields(progress, status, events))   # its shutdown checkpoint, if it wrote one
+            events.append(("Warning", "EngineRestarted", f"engine {placement['engine']} restarted and interrupted "
+                           "the job; resuming from the last checkpoint"))
+            progress = None
         if progress is not None and progress.get("state") != "cancelled":
             out.update(_progress_fields(progress, status, events))
             state = progress.get("state")
