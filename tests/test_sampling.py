@@ -90,3 +90,17 @@ def test_stop_strings_cut_the_text(llama_dir):
                                                        stop=[stop]))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == text[:text.find(stop)]
+
+
+def test_incremental_detokenizer_equals_a_full_decode(llama_dir):
+    """Token by token (multi-byte characters split across tokens included) the text equals decoding it all."""
+    from coserve.engine.detokenizer import IncrementalDetokenizer
+
+    engine = make_engine(llama_dir)
+    tok = engine.tokenizer
+    ids = tok("Grüße, 東京! naïve café — ünïcödé 123 end", add_special_tokens=False).input_ids
+    plain = type("Plain", (), {"decode": staticmethod(tok.decode), "clean_up_tokenization_spaces": False})()
+    for detok in (IncrementalDetokenizer(tok), IncrementalDetokenizer(plain)):   # Rust backend, then HF decode
+        text = "".join(detok.step(ids[:n], final=n == len(ids)) for n in range(1, len(ids) + 1))
+        assert text == tok.decode(ids, skip_special_tokens=True)
+    assert IncrementalDetokenizer(tok).backend is not None and IncrementalDetokenizer(plain).backend is None
