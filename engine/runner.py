@@ -29,7 +29,7 @@ def chunk_slots(table: list[int], start: int, length: int, block_size: int) -> n
 
 
 def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.device, all_logits: bool = False,
-                num_slots: int = 0) -> ForwardBatch:
+                num_slots: int = 0, kv_heads: int = 1) -> ForwardBatch:
     """Flatten the chunks; logits are kept for sampling rows only, unless `all_logits`."""
     ids, positions, slots, token_lora = [], [], [], []
     starts, seq_lens, tables, logit_rows, capture = [0], [], [], [], []
@@ -70,7 +70,7 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
     lens = np.diff(starts)
     attn = AttentionMetadata(t(np.concatenate(slots)), t(starts, torch.int32), t(seq_lens, torch.int32),
                              t(table_arr, torch.int32), int(lens.max()), max(seq_lens),
-                             kv_splits(len(chunks), 1) if lens.max() == 1 else 1)
+                             kv_splits(len(chunks), kv_heads) if lens.max() == 1 else 1)
     return ForwardBatch(t(np.concatenate(ids)), t(np.concatenate(positions)), attn, lora, t(logit_rows),
                         t(capture) if capture else None)
 
@@ -117,7 +117,7 @@ class DecodeGraphs:
         batch = self._batch(bs, with_lora)
 
         def forward() -> torch.Tensor:
-            batch.lora._meta = None
+            batch.lora = LoRABatch(self.token_lora[:bs], with_lora, self.loras.max_loras)   # regrouped per replay
             return self.model(batch, self.kv_caches)
 
         self.slots[:bs].fill_(-1)
@@ -208,7 +208,8 @@ class Runner:
         if self.graphs is not None and self.graphs.fits(chunks):
             logits = self.graphs.run(chunks)
         else:
-            batch = build_batch(chunks, self.blocks, self.device, num_slots=self.loras.max_loras)
+            batch = build_batch(chunks, self.blocks, self.device, num_slots=self.loras.max_loras,
+                                kv_heads=self.model.cfg.num_kv_heads)
             logits = self.model(batch, self.kv_caches)
             row = 0
             for c in chunks:

@@ -11,42 +11,6 @@ def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
 
 
-def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          block_tables: list[torch.Tensor], query_starts: list[int], query_lens: list[int],
-                          context_lens: list[int], scale: float, sliding_window: int | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention for sequences whose queries are the last `query_len` of `context_len` cached tokens.
-
-    q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]. Writes rows of `out` ([T, Hq, D]) and returns it.
-    """
-    out = torch.empty_like(q) if out is None else out
-    for table, start, n, ctx in zip(block_tables, query_starts, query_lens, context_lens):
-        k, v = gather_kv(k_cache, v_cache, table, ctx)
-        out[start:start + n] = causal_attention(q[start:start + n], k, v, scale, sliding_window)
-    return out
-
-
-def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           context_lens: torch.Tensor, max_context: int, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
-    """The same attention for B sequences of one query each, in one batched pass (no per-sequence loop).
-
-    q: [B, Hq, D]; tables: [B, blocks] (padded); context_lens: [B]. Returns [B, Hq, D].
-    """
-    b, hq, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    pos = torch.arange(max_context, device=q.device)
-    slots = tables.gather(1, (pos // bs).expand(b, -1)) * bs + pos % bs
-    k = k_cache.view(-1, hkv, d)[slots].float()          # [B, ctx, Hkv, D]
-    v = v_cache.view(-1, hkv, d)[slots].float()
-    scores = torch.einsum("bgrd,bkgd->bgrk", q.float().view(b, hkv, hq // hkv, d), k) * scale
-    valid = pos[None, :] < context_lens[:, None]
-    if sliding_window is not None:
-        valid &= pos[None, :] >= context_lens[:, None] - sliding_window
-    probs = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
-    return torch.einsum("bgrk,bkgd->bgrd", probs, v).reshape(b, hq, d).to(q.dtype)
-
-
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
               ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `ctx` keys and values of one sequence, contiguous: [ctx, Hkv, D]."""

@@ -13,7 +13,6 @@ and values at their slots, skipping slot < 0.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -269,14 +268,6 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         _merge_splits_kernel[(num_rows, hq)](out, part, lse, out.stride(0), out.stride(1), HQ=hq, D=d,
                                               D_PAD=d_pad, SPLITS=splits, S_PAD=_next_pow2(splits),
                                               num_warps=4 if d_pad >= 128 else 1)
-
-
-def suggest_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                          tile_n: int = 128) -> int:
-    """Splits that give ~1.5 programs per SM when few sequences x KV heads face long contexts (one key tile
-    or more per split); on an H100 this was within 5% of the best of 1..32 for batch 1..64 at 2k..32k keys."""
-    fill = math.ceil(1.5 * num_sms / max(1, num_seqs * num_kv_heads))
-    return max(1, min(fill, max_seq_len // tile_n, 32))
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -18,8 +18,9 @@ def free_port() -> int:
 
 
 class EngineProcess:
-    def __init__(self, model_dir: Path, data_root: Path, token: str | None, *extra: str, host: str = "127.0.0.1"):
-        self.port = free_port()
+    def __init__(self, model_dir: Path, data_root: Path, token: str | None, *extra: str, host: str = "127.0.0.1",
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         self.log = data_root / f"engine-{self.port}.log"
         args = [sys.executable, "-m", "coserve.engine.cli", "serve", "--model", str(model_dir),

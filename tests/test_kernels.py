@@ -1,59 +1,39 @@
-"""Each attention path equals the plain causal attention over contiguous keys (the spec)."""
+"""The attention twin (the spec the Triton kernel is tested against) equals attention written out plainly over
+each sequence's contiguous keys, for decode rows and prefill chunks in one flat batch."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from coserve.kernels.lora import lora_delta_torch
-from coserve.kernels.paged_attention import causal_attention, decode_attention_torch, paged_attention_torch
+from coserve.kernels.paged_attention import unified_attention_torch
 
 
-def paged(num_seqs: int, block_size: int, hkv: int, d: int, lens: list[int], seed: int):
+def paged(block_size: int, hkv: int, d: int, lens: list[int], seed: int):
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // block_size) for n in lens) + 3
     k_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g)
     v_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g)
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables = []
-    for n in lens:
-        tables.append([perm.pop() for _ in range(-(-n // block_size))])
-    return k_cache, v_cache, tables
+    tables = [[perm.pop() for _ in range(-(-n // block_size))] for n in lens]
+    width = max(map(len, tables))
+    return k_cache, v_cache, tables, torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_attention_equals_per_sequence_causal_attention(window):
-    lens, hq, hkv, d, bs = [1, 7, 16, 33], 8, 2, 16, 4
-    k_cache, v_cache, tables = paged(len(lens), bs, hkv, d, lens, 0)
-    q = torch.randn(len(lens), hq, d)
-    width = max(map(len, tables))
-    padded = torch.tensor([tb + [0] * (width - len(tb)) for tb in tables])
-    out = decode_attention_torch(q, k_cache, v_cache, padded, torch.tensor(lens), max(lens), d ** -0.5, window)
-    for i, (tb, n) in enumerate(zip(tables, lens)):
-        k = k_cache[tb].flatten(0, 1)[:n]
-        v = v_cache[tb].flatten(0, 1)[:n]
-        ref = causal_attention(q[i:i + 1], k, v, d ** -0.5, window)
-        assert torch.allclose(out[i:i + 1], ref, atol=1e-5)
-
-
-def test_paged_prefill_attention_equals_contiguous_attention():
-    lens, qlens, hq, hkv, d, bs = [9, 20], [4, 20], 4, 4, 8, 4
-    k_cache, v_cache, tables = paged(2, bs, hkv, d, lens, 1)
+def test_attention_twin_equals_plain_attention_over_contiguous_keys(window):
+    lens, qlens, hq, hkv, d, bs = [1, 7, 16, 33, 20], [1, 1, 4, 1, 20], 8, 2, 16, 4
+    k_cache, v_cache, tables, table_t = paged(bs, hkv, d, lens, 0)
     q = torch.randn(sum(qlens), hq, d)
-    out = paged_attention_torch(q, k_cache, v_cache, [torch.tensor(t) for t in tables], [0, 4], qlens, lens,
-                                d ** -0.5)
-    start = 0
-    for tb, n, ql in zip(tables, lens, qlens):
-        k, v = k_cache[tb].flatten(0, 1)[:n], v_cache[tb].flatten(0, 1)[:n]
-        scores = torch.einsum("qhd,khd->hqk", q[start:start + ql], k) * d ** -0.5
-        mask = torch.arange(n)[None, :] > torch.arange(n - ql, n)[:, None]
-        ref = torch.einsum("hqk,khd->qhd", torch.softmax(scores.masked_fill(mask, float("-inf")), -1), v)
-        assert torch.allclose(out[start:start + ql], ref, atol=1e-5)
-        start += ql
-
-
-def test_lora_delta_touches_only_its_rows():
-    x, a, b = torch.randn(6, 8), torch.randn(2, 4, 8), torch.randn(2, 5, 4)
-    out = torch.zeros(6, 5)
-    lora_delta_torch(x, a, b, torch.tensor([0.5, 2.0]), [(1, torch.tensor([0, 3]))], out)
-    assert torch.allclose(out[[0, 3]], 2.0 * x[[0, 3]] @ a[1].T @ b[1].T, atol=1e-5)
-    assert out[[1, 2, 4, 5]].abs().sum() == 0
+    starts = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    unified_attention_torch(q, k_cache, v_cache, out, starts, torch.tensor(lens, dtype=torch.int32), table_t,
+                            d ** -0.5, window, max(qlens))
+    for b, (tb, n, ql) in enumerate(zip(tables, lens, qlens)):
+        k = k_cache[tb].flatten(0, 1)[:n].repeat_interleave(hq // hkv, dim=1)
+        v = v_cache[tb].flatten(0, 1)[:n].repeat_interleave(hq // hkv, dim=1)
+        rows = slice(int(starts[b]), int(starts[b + 1]))
+        scores = torch.einsum("qhd,khd->hqk", q[rows], k) * d ** -0.5
+        q_pos, k_pos = torch.arange(n - ql, n)[:, None], torch.arange(n)[None, :]
+        hidden = (k_pos > q_pos) | ((q_pos - k_pos >= window) if window else torch.zeros_like(k_pos > q_pos))
+        ref = torch.einsum("hqk,khd->qhd", torch.softmax(scores.masked_fill(hidden, float("-inf")), -1), v)
+        assert torch.allclose(out[rows], ref, atol=1e-5)

@@ -216,6 +216,29 @@ def test_job_on_a_dead_engine_resumes_elsewhere_from_its_checkpoint(llama_dir, d
     shutil.rmtree(data_root / "adapters" / "ns" / "survivor", ignore_errors=True)
 
 
+def test_job_interrupted_by_an_engine_restart_resumes_from_its_checkpoint(llama_dir, data_root):
+    """SIGTERM checkpoints the job and the restarted engine lists it `interrupted`: a new attempt resumes it."""
+    proc = EngineProcess(llama_dir, data_root, TOKEN, "--num-kv-blocks", "128")
+    try:
+        body = job("restarted", checkpointEvery=4, training={"lr": 0.01, "epochs": 40, "chunkTokens": 8})
+        status, _ = run(reconcile_job(body, pool_of([proc])))
+        while not status.get("checkpoints"):
+            body["status"] = status
+            status, _ = run(reconcile_job(body, pool_of([proc])))
+        first_id = status["placement"]["engineJobId"]
+        proc.stop()
+        proc = EngineProcess(llama_dir, data_root, TOKEN, "--num-kv-blocks", "128", port=proc.port)
+        body["status"] = status
+        status, events = run(reconcile_job(body, pool_of([proc])))
+        assert "EngineRestarted" in [e[1] for e in events], events
+        assert status["phase"] == "Running" and status["placement"]["engineJobId"] != first_id
+        assert status["progress"]["currentStep"] >= max(c["step"] for c in body["status"]["checkpoints"])
+        run(release_job({**body, "status": status}, pool_of([proc])))
+    finally:
+        proc.stop()
+    shutil.rmtree(data_root / "adapters" / "ns" / "restarted", ignore_errors=True)
+
+
 def test_active_deadline_stops_the_job_after_a_checkpoint(engines):
     pool = pool_of(engines)
     body = job("late", activeDeadlineSeconds=1, checkpointEvery=1000,
