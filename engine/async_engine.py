@@ -58,6 +58,10 @@ class AsyncEngine:
             self.metrics.tokens.labels("generation").inc(stats.decode_tokens)
             self.metrics.tokens.labels("finetune").inc(stats.finetune_tokens)
             self.metrics.backward_units.inc(stats.backward_units)
+            cost = self.engine.cost
+            if cost.error is not None:
+                self.metrics.cost_error.set(cost.error)
+                self.metrics.cost_margin.set(cost.margin)
             for out in outputs:
                 if out.finished:
                     self.metrics.requests.labels(out.finish_reason).inc()

@@ -1,16 +1,35 @@
-"""Iteration time against work, measured at start-up: forward time against tokens and backward-unit time
-against the unit's tokens. The scheduler fills each iteration up to the latency target with it."""
+"""Iteration time against work: a start-up profile gives the prior, then every measured iteration refines it
+(online least squares over a window, pulled toward the prior), with a margin from the recent under-predictions,
+so the planner fills each iteration up to the latency target but not past it."""
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from coserve.engine.engine import LLMEngine
+
+WINDOW = 256            # iterations the fit looks back on
+REFIT_EVERY = 16        # observations between refits
+PRIOR_WEIGHT = 0.01     # the prior's pull, as a squared relative error of one iteration
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one iteration ran: the features the cost model prices."""
+
+    forward_tokens: int = 0      # prefill, finetuning-forward and decode tokens in the forward, if one ran
+    units: int = 0               # backward units
+    unit_tokens: int = 0         # their tokens
+
+    def features(self) -> list[float]:
+        return [float(self.forward_tokens > 0), float(self.forward_tokens), float(self.units), float(self.unit_tokens)]
 
 
 @dataclass
@@ -19,21 +38,109 @@ class CostModel:
     fwd_per_token_s: float
     unit_fixed_s: float
     unit_per_token_s: float
+    margin: float = 1.0                  # predictions are multiplied by this (>= 1) when planning
+    learn: bool = False                  # refine from measured iterations (the profiled model does; a given one is fixed)
+    prior: tuple[float, ...] | None = field(default=None, repr=False)
+    error: float | None = None           # median relative prediction error over the window, at the last refit
+    _seen: deque = field(default_factory=lambda: deque(maxlen=WINDOW), repr=False)
+    _since_fit: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.prior is None:
+            self.prior = self.params()
+
+    def params(self) -> tuple[float, float, float, float]:
+        return self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s
+
+    def predict(self, work: Work) -> float:
+        return float(np.dot(work.features(), self.params()))
 
     def forward_s(self, tokens: int) -> float:
-        return self.fwd_fixed_s + self.fwd_per_token_s * tokens
+        return (self.fwd_fixed_s + self.fwd_per_token_s * tokens) * self.margin
 
     def unit_s(self, tokens: int) -> float:
-        return self.unit_fixed_s + self.unit_per_token_s * tokens
+        return (self.unit_fixed_s + self.unit_per_token_s * tokens) * self.margin
+
+    def forward_tokens_within(self, seconds: float, fixed_paid: bool) -> int:
+        """How many more forward tokens fit in `seconds` (the forward's fixed cost included unless paid)."""
+        spare = seconds / self.margin - (0.0 if fixed_paid else self.fwd_fixed_s)
+        return max(0, int(spare / max(self.fwd_per_token_s, 1e-12)))
 
     def unit_tokens_within(self, seconds: float, most: int) -> int:
         """The largest backward unit, up to `most` tokens, predicted to take at most `seconds`."""
+        seconds /= self.margin
         if self.unit_per_token_s <= 0:
             return most if seconds >= self.unit_fixed_s else 0
         return max(0, min(most, int((seconds - self.unit_fixed_s) / self.unit_per_token_s)))
 
+    def observe(self, work: Work, seconds: float) -> None:
+        """Record one measured iteration (with what was predicted for it); every REFIT_EVERY of them the fit and
+        the margin are updated."""
+        if not self.learn or seconds <= 0 or work.forward_tokens + work.units == 0:
+            return
+        self._seen.append((work.features(), seconds, self.predict(work)))
+        self._since_fit += 1
+        if self._since_fit >= REFIT_EVERY:
+            self._since_fit = 0
+            self.refit()
+
+    def refit(self) -> None:
+        """Least squares of the relative error over the window, with a weak pull toward the prior (which alone
+        decides what the window cannot, e.g. unit costs while no job trains), each coefficient kept >= 0; the
+        margin covers the 99th percentile of how much the refit model under-predicts the window."""
+        x = np.array([f for f, _, _ in self._seen])
+        y = np.array([t for _, t, _ in self._seen])
+        prior = np.array(self.prior)
+        pull = np.sqrt(PRIOR_WEIGHT) / np.maximum(prior, 1e-12)
+        rows = np.vstack([x / y[:, None], np.diag(pull)])
+        target = np.concatenate([np.ones(len(y)), np.sqrt(PRIOR_WEIGHT) * (prior > 0)])
+        free = list(range(4))
+        theta = np.zeros(4)
+        while free:
+            sol = np.linalg.lstsq(rows[:, free], target, rcond=None)[0]
+            if (sol >= 0).all():
+                theta[free] = sol
+                break
+            free = [j for j, v in zip(free, sol) if v > 0]
+        self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s = map(float, theta)
+        ratios = y / np.maximum(x @ theta, 1e-9)
+        self.margin = float(max(1.0, np.quantile(ratios, 0.99)))
+        predicted = np.array([p for _, _, p in self._seen])
+        self.error = float(np.median(np.abs(predicted - y) / y))
+
+
+class IterationClock:
+    """Times iterations without a host sync: on CUDA, events around each iteration are read once they have
+    completed (an iteration or two later); on the CPU the wall time is the iteration time."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self._pending: deque = deque()
+        self._start: torch.cuda.Event | float | None = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self, work: Work) -> list[tuple[Work, float]]:
+        """Close the iteration started last; returns every (work, seconds) whose timing is now known."""
+        if not self.cuda:
+            return [(work, time.perf_counter() - self._start)]
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((self._start, end, work))
+        done = []
+        while self._pending and self._pending[0][1].query():
+            start, end, w = self._pending.popleft()
+            done.append((w, start.elapsed_time(end) / 1000))
+        return done
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"fwd_fixed_s": self.fwd_fixed_s, "fwd_per_token_s": self.fwd_per_token_s,
+                "unit_fixed_s": self.unit_fixed_s, "unit_per_token_s": self.unit_per_token_s, "margin": self.margin}
 
 
 def _line(x: tuple[int, int], y: tuple[float, float]) -> tuple[float, float]:
@@ -55,10 +162,12 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 
 def profile(engine: "LLMEngine") -> CostModel:
-    """Time real forwards and backward units on a scratch sequence, and fit two lines."""
+    """The prior: time real forwards and layer backward units (LoRA on every projection) on a scratch sequence,
+    and fit two lines."""
     from coserve.engine.finetune.adapter import TrainAdapter
     from coserve.engine.finetune.backward import SavedChunk, SequenceBackward
     from coserve.engine.finetune.spec import LoRASpec
+    from coserve.engine.model.llama import LORA_TARGETS
     from coserve.engine.runner import build_batch
     from coserve.engine.sampling import SamplingParams
     from coserve.engine.scheduler import Chunk
@@ -68,7 +177,7 @@ def profile(engine: "LLMEngine") -> CostModel:
                               // 2)))   # the large size must leave launch-bound territory, or the slope reads flat
     seq = Sequence("profile", [1] * sizes[1], SamplingParams(max_tokens=1))
     engine.blocks.allocate(seq.request_id, sizes[1])
-    adapter = TrainAdapter(engine.model, LoRASpec(r=8, target_modules=["q_proj", "v_proj"]), seed=0)
+    adapter = TrainAdapter(engine.model, LoRASpec(r=16, target_modules=list(LORA_TARGETS)), seed=0)
     fwd, unit = [], []
     try:
         for n in sizes:
@@ -84,12 +193,13 @@ def profile(engine: "LLMEngine") -> CostModel:
             fwd.append(_median_time(forward))
             table = torch.tensor(engine.blocks.tables[seq.request_id], device=engine.config.device)
 
-            def one_unit() -> None:
-                saved = [SavedChunk(0, n, forward())]
-                bwd = SequenceBackward(engine.model, adapter, saved, [1] * n, table, engine.kv_caches, 1.0)
-                bwd.run_unit()   # the loss head
-                bwd.run_unit()   # the top layer
-            unit.append(max(1e-9, _median_time(one_unit) - fwd[-1]) / 2)
+            def units(count: int) -> None:
+                bwd = SequenceBackward(engine.model, adapter, [SavedChunk(0, n, forward())], [1] * n, table,
+                                       engine.kv_caches, 1.0)
+                for _ in range(count):
+                    bwd.run_unit()   # the loss head, then the top layer
+            units(2)
+            unit.append(max(1e-9, _median_time(lambda: units(2)) - _median_time(lambda: units(1))))
     finally:
         engine.blocks.release(seq.request_id)
-    return CostModel(*_line(sizes, tuple(fwd)), *_line(sizes, tuple(unit)))
+    return CostModel(*_line(sizes, tuple(fwd)), *_line(sizes, tuple(unit)), learn=True)

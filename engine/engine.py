@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from coserve.engine.config import EngineConfig
-from coserve.engine.cost_model import CostModel, profile
+from coserve.engine.cost_model import CostModel, IterationClock, Work, profile
 from coserve.engine.detokenizer import IncrementalDetokenizer
 from coserve.engine.finetune.manager import FinetuneManager
 from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
@@ -38,6 +38,7 @@ class StepStats:
     decode_tokens: int = 0
     finetune_tokens: int = 0
     backward_units: int = 0
+    unit_tokens: int = 0
     duration_s: float = 0.0
 
 
@@ -66,6 +67,7 @@ class LLMEngine:
         self.model_name = config.served_model_name or Path(config.model).name
         self.finetune = FinetuneManager(self, config.max_finetune_jobs, config.finetune_kv_reserve)
         self.cost = cost_model or profile(self)
+        self.clock = IterationClock(config.device)
         self.runner.warmup()
 
     def _blocks_for_memory(self, dtype: torch.dtype) -> int:
@@ -116,17 +118,17 @@ class LLMEngine:
         """One iteration: inference chunks first, then the finetuning forward chunks and backward units that
         fit in what the latency target leaves; returns a delta for every request that produced a token."""
         start = time.perf_counter()
+        self.clock.start()
         budget = self.config.tpot_slo_ms / 1000
         chunks = self.scheduler.schedule()
         inference_tokens = sum(c.length for c in chunks)
         ft_chunks: list = []
         left = budget - (self.cost.forward_s(inference_tokens) if chunks else 0.0)
         if self.finetune.has_work():
-            ft_chunks = self.finetune.plan_forward(left, self.config.max_batched_tokens - inference_tokens,
-                                                   self.cost, bool(chunks))
-            ft_tokens = sum(c.length for c in ft_chunks)
-            left -= self.cost.fwd_per_token_s * ft_tokens + (self.cost.fwd_fixed_s if ft_tokens and not chunks
-                                                               else 0.0)
+            room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
+            ft_chunks = self.finetune.plan_forward(left, room, self.cost, bool(chunks))
+        forward_tokens = inference_tokens + sum(c.length for c in ft_chunks)
+        left = budget - (self.cost.forward_s(forward_tokens) if forward_tokens else 0.0)
         outputs: list[RequestOutput] = []
         if chunks or ft_chunks:
             result = self.runner.run(chunks + ft_chunks)
@@ -137,12 +139,14 @@ class LLMEngine:
                 outputs.append(self._fail(c.seq, "the model produced non-finite logits for this request") if bad
                                else self._append_token(c.seq, token, logprob))
             self.finetune.forward_done(ft_chunks, result.kept)
-        units = 0
+        units = unit_tokens = 0
         if self.finetune.has_work():
-            units = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
+            units, unit_tokens = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
+        for work, seconds in self.clock.stop(Work(forward_tokens, units, unit_tokens)):
+            self.cost.observe(work, seconds)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
-        self.last_step = StepStats(inference_tokens - decode, decode, sum(c.length for c in ft_chunks), units,
-                                   time.perf_counter() - start)
+        self.last_step = StepStats(inference_tokens - decode, decode, forward_tokens - inference_tokens, units,
+                                   unit_tokens, time.perf_counter() - start)
         return outputs
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:

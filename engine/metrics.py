@@ -29,6 +29,10 @@ class Metrics:
         self.job_loss = Gauge("coserve_finetune_loss", "Loss of the last optimizer step, by job", ["job"],
                               registry=r)
         self.adapters = Gauge("coserve_adapters_loaded", "LoRA adapters loaded", registry=r)
+        self.cost_error = Gauge("coserve_cost_model_relative_error", "Median |predicted - measured| / measured "
+                                "iteration time over the cost model's recent window", registry=r)
+        self.cost_margin = Gauge("coserve_cost_model_margin", "Factor the planner applies to predicted "
+                                 "iteration times (the recent 99th percentile of measured / predicted)", registry=r)
         self._job_ids: set[str] = set()
 
     def set_jobs(self, states: dict[str, int], jobs: dict[str, tuple[int, float | None]]) -> None:

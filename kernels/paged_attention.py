@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -33,6 +35,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         allowed &= q_pos - k_pos < sliding_window
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+
+
+def causal_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          sliding_window: int | None = None) -> torch.Tensor:
+    """`causal_attention` through SDPA (flash or memory-efficient kernels on a GPU, in the inputs' dtype):
+    differentiable without fp32 copies or [heads, n, ctx] scores kept; a binding sliding window takes the spec."""
+    n, ctx = q.shape[0], k.shape[0]
+    if sliding_window is not None and sliding_window < ctx:
+        return causal_attention(q, k, v, scale, sliding_window)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=causal_lower_right(n, ctx), scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def write_kv_skip_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -42,13 +42,12 @@ def peft_grads(model_dir, adapter_dir, ids: list[int]) -> tuple[float, dict[str,
 @pytest.mark.parametrize("chunk_tokens", [3, 7, 16])
 @pytest.mark.parametrize("max_unit", [16, 64], ids=["units-of-16", "units-of-64"])
 def test_token_level_gradients_equal_full_sequence_autograd(model_dirs, tmp_path, arch, chunk_tokens, max_unit):
-    """Backward units take single chunks or merge consecutive ones up to `max_unit` tokens (the engine's
-    max_batched_tokens); every grouping gives the same gradients."""
+    """Backward units take single chunks or merge consecutive ones up to what the iteration's time leaves
+    (`max_unit` tokens here, by the cost model and the target); every grouping gives the same gradients."""
     model_dir = model_dirs[arch]
     make_peft_adapter(model_dir, tmp_path / "init", 0, r=8, lora_alpha=16, target_modules=TARGETS)
     (tmp_path / "data.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
-    engine = make_engine(model_dir, data_root=str(tmp_path), tpot_slo_ms=1e6, cost_model=FIXED_COST,
-                         max_batched_tokens=max_unit)
+    engine = make_engine(model_dir, data_root=str(tmp_path), tpot_slo_ms=max_unit * 1e-3, cost_model=FIXED_COST)
     spec = JobSpec.model_validate({
         "id": "grad", "dataset": {"path": "data.jsonl", "format": "text"}, "output": "out", "init_from": "init",
         "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS},
@@ -61,16 +60,21 @@ def test_token_level_gradients_equal_full_sequence_autograd(model_dirs, tmp_path
         engine.add_request(f"inf{i}", engine.tokenizer(prompt).input_ids,
                            SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     engine.finetune.add(job)
-    shared = units = 0
+    shared = units = largest = 0
     while engine.has_work():
         engine.step()
         s = engine.last_step
         shared += bool(s.finetune_tokens and (s.prefill_tokens or s.decode_tokens))
         units += s.backward_units
+        if s.backward_units == 1:
+            largest = max(largest, s.unit_tokens)
     assert job.state is JobState.SUCCEEDED, job.error
     assert shared >= 2, "finetuning chunks must ride in the same forward as inference tokens"
     passes = engine.model.cfg.num_layers + 1   # the loss head, then each layer
-    assert units == passes if max_unit >= len(ids) else units > passes   # one merged unit per pass, or several
+    assert units > passes, "a pass over a sequence longer than a unit takes several units"
+    assert largest <= max_unit
+    if 2 * chunk_tokens <= max_unit:
+        assert largest > chunk_tokens, "units merge consecutive chunks up to the room the iteration has"
 
     _, init = read_adapter(tmp_path / "init")
     _, final = read_adapter(tmp_path / "out" / "checkpoint-1")

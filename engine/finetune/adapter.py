@@ -6,6 +6,7 @@ import math
 import torch
 
 from coserve.engine.finetune.spec import LoRASpec
+from coserve.engine.layers.lora_batch import Dropout
 from coserve.engine.model.llama import CausalLM
 
 
@@ -45,12 +46,21 @@ class TrainAdapter:
             out[f"{name}.lora_A"], out[f"{name}.lora_B"] = a, b
         return out
 
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
-        ab = self.params.get(module)
-        if ab is None:
+    def delta(self, names: list[str], sizes: list[int], x: torch.Tensor,
+              dropout: Dropout | None) -> torch.Tensor | None:
+        """scaling * B @ A @ x for each adapted slice of a merged projection, in fp32 as PEFT computes it; without
+        dropout the slices share one cast of x and one A GEMM."""
+        picked = [(i, self.params[n]) for i, n in enumerate(names) if n in self.params]
+        if not picked:
             return None
-        a, b = ab
-        return ((x.float() @ a.T) @ b.T * self.scaling).to(x.dtype)
+        if dropout is None:
+            shrunk = (x.float() @ torch.cat([a for _, (a, _) in picked]).T).split(self.rank, dim=1)
+        else:
+            shrunk = [dropout(names[i], x).float() @ a.T for i, (a, _) in picked]
+        parts = [x.new_zeros(x.shape[0], size) for size in sizes]
+        for (i, (_, b)), s in zip(picked, shrunk):
+            parts[i] = (s @ b.T * self.scaling).to(x.dtype)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def load(self, modules: dict[str, dict[str, torch.Tensor]]) -> None:
         """Start from saved weights (init_from / resume_from); they must fit this job's LoRA settings."""

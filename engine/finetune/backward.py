@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.dataset import IGNORE
+from coserve.engine.finetune.loss import linear_cross_entropy
 from coserve.engine.layers.lora_batch import LoRABatch
 from coserve.engine.model.llama import CausalLM, stream
-from coserve.kernels.paged_attention import causal_attention, gather_kv
+from coserve.kernels.paged_attention import causal_attention_sdpa, gather_kv
 
 
 @dataclass
@@ -53,6 +53,10 @@ class SequenceBackward:
 
     def __post_init__(self) -> None:
         self.chunk = len(self.chunks) - 1
+        total, cfg = self.chunks[-1].start + self.chunks[-1].length, self.model.cfg
+        device = self.kv_caches[0][0].device
+        self.dk = torch.zeros(total, cfg.num_kv_heads, cfg.head_dim, device=device)
+        self.dv = torch.zeros_like(self.dk)
 
     @property
     def done(self) -> bool:
@@ -92,10 +96,13 @@ class SequenceBackward:
             self.grad_out, self.grad_in = self.grad_in, {}
             self.layer = self.layer - 1 if self.layer > 0 else -2
         self.chunk = len(self.chunks) - 1
-        self.dk = self.dv = None
         if self.done:
             self.chunks.clear()
             self.grad_out.clear()
+            self.dk = self.dv = None
+        else:
+            self.dk.zero_()
+            self.dv.zero_()
 
     def _span(self, ks: range, layer: int) -> tuple[int, int, torch.Tensor]:
         """(start, length, the saved inputs of `layer` for the chunks `ks`, joined, as a leaf needing grad)."""
@@ -107,35 +114,33 @@ class SequenceBackward:
         return dict(zip(ks, grad.split([self.chunks[k].length for k in ks])))
 
     def _head_unit(self, ks: range) -> None:
-        """Loss of the unit's positions (labels shifted over the whole sequence) and dL/d(final hidden)."""
+        """Loss of the unit's positions (labels shifted over the whole sequence) and dL/d(final hidden), the
+        vocabulary projection taken a block of rows at a time (no [tokens, vocab] logits kept)."""
         start, length, h = self._span(ks, -1)
-        logits = self.model.lm_head(self.model.model.norm(h)[0]).float()
+        normed = self.model.model.norm(h)[0]
         targets = self.labels[start + 1:start + length + 1]
         targets = torch.tensor(targets + [IGNORE] * (length - len(targets)), device=h.device)
-        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-        (loss * self.loss_scale).backward()
-        self.loss_sum += float(loss.detach())
+        loss, grad = linear_cross_entropy(normed.detach(), self.model.lm_head.weight, targets, self.loss_scale)
+        normed.backward(grad)
+        self.loss_sum += float(loss)
         self.targets += int((targets != IGNORE).sum())
         self.grad_out.update(self._split(h.grad, ks))
 
     def _layer_unit(self, layer_idx: int, ks: range) -> None:
+        """Recompute layer `layer_idx` for the unit's chunks under autograd and send the gradients back: to the
+        layer input, to the LoRA parameters, and to the keys/values of earlier positions (the dK/dV sums)."""
         model, cfg = self.model, self.model.cfg
         layer = model.model.layers[layer_idx]
         k_cache, v_cache = self.kv_caches[layer_idx]
-        if self.dk is None:
-            total = self.chunks[-1].start + self.chunks[-1].length
-            self.dk = torch.zeros(total, cfg.num_kv_heads, cfg.head_dim, device=k_cache.device)
-            self.dv = torch.zeros_like(self.dk)
         start, length, x = self._span(ks, layer_idx)
         past_k, past_v = gather_kv(k_cache, v_cache, self.block_table, start)
-        past_k, past_v = past_k.float().requires_grad_(), past_v.float().requires_grad_()
+        past_k, past_v = past_k.requires_grad_(), past_v.requires_grad_()
         own: dict[str, torch.Tensor] = {}
 
         def attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             own["k"], own["v"] = key, value
-            keys = torch.cat([past_k.to(key.dtype), key])
-            values = torch.cat([past_v.to(value.dtype), value])
-            return causal_attention(q, keys, values, cfg.head_dim ** -0.5, cfg.sliding_window)
+            keys, values = torch.cat([past_k.to(key.dtype), key]), torch.cat([past_v.to(value.dtype), value])
+            return causal_attention_sdpa(q, keys, values, cfg.head_dim ** -0.5, cfg.sliding_window)
 
         positions = torch.arange(start, start + length, device=x.device)
         dropout = self.chunks[ks.start].dropout if len(ks) == 1 else None
@@ -143,9 +148,8 @@ class SequenceBackward:
         out = stream(*layer(x, None, positions, model.cos_sin, lora, attend))
         span = slice(start, start + length)
         grad_out = torch.cat([self.grad_out[k] for k in ks])
-        surrogate = ((out.float() * grad_out).sum() + (own["k"].float() * self.dk[span]).sum()
-                     + (own["v"].float() * self.dv[span]).sum())
-        surrogate.backward()
+        torch.autograd.backward([out, own["k"], own["v"]], [grad_out.to(out.dtype), self.dk[span].to(own["k"].dtype),
+                                                            self.dv[span].to(own["v"].dtype)])
         self.grad_in.update(self._split(x.grad, ks))
         if start:
             self.dk[:start] += past_k.grad

@@ -117,11 +117,13 @@ class FinetuneJob:
         eng, t = self.engine, self.spec.training
         self.adapter = TrainAdapter(eng.model, self.spec.lora, t.seed)
         params = self.adapter.parameters()
+        fused = {"fused": True} if params[0].is_cuda else {"foreach": True}   # one launch for all tensors
         if t.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps,
-                                               weight_decay=t.weight_decay)
+                                               weight_decay=t.weight_decay, **fused)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+            self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                             **fused)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.total_steps))
         if self.resume is not None:   # verified when the job was built
             self.adapter.load(self.resume.modules)
@@ -220,7 +222,7 @@ class FinetuneJob:
         return 0 if self.seq is None or self.backward is not None else self.seq.num_uncomputed
 
     def next_chunk(self, max_tokens: int) -> Chunk:
-        length = min(self.seq.num_uncomputed, self.spec.training.chunk_tokens, max_tokens)
+        length = min(self.seq.num_uncomputed, self.spec.training.chunk_tokens or max_tokens, max_tokens)
         p = self.spec.lora.dropout
         drop = ChunkDropout(p, self.dropout_key(), self.seq.num_computed) if p > 0 else None
         return Chunk(self.seq, self.seq.num_computed, length, finetune=True, dropout=drop)

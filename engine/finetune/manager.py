@@ -314,8 +314,7 @@ class FinetuneManager:
                 continue
             if not job.forward_tokens_left():
                 continue
-            spare = time_left - (0.0 if fixed_paid or chunks else cost.fwd_fixed_s)
-            n = min(token_room, int(spare / cost.fwd_per_token_s))
+            n = min(token_room, cost.forward_tokens_within(time_left, fixed_paid or bool(chunks)))
             if n < 1 and not fixed_paid and not chunks:
                 n = token_room
             if n < 1:
@@ -323,7 +322,8 @@ class FinetuneManager:
             chunk = job.next_chunk(n)
             chunks.append(chunk)
             token_room -= chunk.length
-            time_left = spare - cost.fwd_per_token_s * chunk.length
+            pays_fixed = not fixed_paid and len(chunks) == 1
+            time_left -= cost.forward_s(chunk.length) - (0.0 if pays_fixed else cost.forward_s(0))
         return chunks
 
     def forward_done(self, chunks: list[Chunk], kept: list[list]) -> None:
@@ -331,21 +331,23 @@ class FinetuneManager:
             job = self.jobs[chunk.seq.request_id.split(":")[1]]
             self._guard(job, lambda: job.forward_done(chunk, acts))
 
-    def run_backward(self, time_left: float, cost: CostModel, must_progress: bool) -> int:
+    def run_backward(self, time_left: float, cost: CostModel, must_progress: bool) -> tuple[int, int]:
         """Run backward units while their predicted cost fits in what is left of the iteration, each merging
         as many chunks of a layer as fit; with `must_progress` (no inference this iteration) at least one runs.
-        Returns how many ran."""
-        ran = 0
-        most = self.engine.config.max_batched_tokens
+        Returns how many ran and their tokens."""
+        ran = tokens = 0
         for job in self.active():
             while job.active and job.backward_unit_tokens(0):
+                most = job.seq.num_tokens
                 room = cost.unit_tokens_within(time_left, most)
-                unit = cost.unit_s(job.backward_unit_tokens(room))
+                size = job.backward_unit_tokens(room)
+                unit = cost.unit_s(size)
                 if unit > time_left and not (must_progress and ran == 0):
                     break
                 self._guard(job, lambda: job.run_backward_unit(room))
                 time_left -= unit
                 ran += 1
+                tokens += size
         self.turn += 1
         self._activate()
-        return ran
+        return ran, tokens

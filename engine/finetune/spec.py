@@ -57,7 +57,8 @@ class TrainingSpec(Strict):
     packing: bool = False
     shuffle: bool = True
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    chunk_tokens: int = Field(64, ge=1, le=65536, description="largest forward chunk / backward unit, in tokens")
+    chunk_tokens: int | None = Field(None, ge=1, le=65536, description="largest forward chunk, in tokens; default: "
+                                     "as many as the iteration has room for")
 
 
 class JobSpec(Strict):

@@ -60,10 +60,9 @@ class MergedLoRALinear(nn.Module):
                                enumerate(self.names)], dim=1)
             y.index_add_(0, group.rows, self._expand_slot(delta, group.slot).to(y.dtype))
         for trainable in lora.trainable:
-            deltas = [trainable.delta(name, lora.drop(name, x)) for name in self.names]
-            if any(d is not None for d in deltas):
-                y = y + torch.cat([d if d is not None else y.new_zeros(x.shape[0], size)
-                                   for d, size in zip(deltas, self.sizes)], dim=1)
+            delta = trainable.delta(self.names, self.sizes, x, lora.train_dropout)
+            if delta is not None:
+                y = y + delta
         return y
 
     def _expand_slot(self, shrunk: torch.Tensor, slot: int) -> torch.Tensor:

@@ -16,7 +16,10 @@ Dropout = Callable[[str, torch.Tensor], torch.Tensor]
 class TrainableLoRA(Protocol):
     """A finetuning job's adapter in autograd form; it applies to every row of the unit it is passed to."""
 
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None: ...
+    def delta(self, names: list[str], sizes: list[int], x: torch.Tensor,
+              dropout: Dropout | None) -> torch.Tensor | None:
+        """The LoRA output of a merged projection's slices `names` (zeros for slices it does not adapt)."""
+        ...
 
 
 @dataclass
@@ -45,9 +48,6 @@ class LoRABatch:
         if self._meta is None:
             self._meta = lora_batch_meta(self.token_lora, self.num_slots)
         return self._meta
-
-    def drop(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        return self.train_dropout(module, x) if self.train_dropout is not None else x
 
     @classmethod
     def training(cls, adapter: TrainableLoRA, rows: int, device: torch.device,

@@ -1,0 +1,103 @@
+"""The online cost model learns iteration time from measured iterations: it recovers the true costs from a wrong
+prior, keeps a margin that covers noisy measurements, stays fixed when given as fixed, and reports its error in
+/metrics through the engine loop."""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from coserve_testlib import make_engine
+from coserve.engine.async_engine import AsyncEngine
+from coserve.engine.cost_model import REFIT_EVERY, CostModel, Work
+from coserve.engine.finetune.manager import build_job
+from coserve.engine.finetune.spec import JobSpec
+from coserve.engine.sampling import SamplingParams
+
+TRUE = (0.004, 2e-5, 0.0015, 3e-6)
+
+
+def true_seconds(w: Work) -> float:
+    return (TRUE[0] * (w.forward_tokens > 0) + TRUE[1] * w.forward_tokens + TRUE[2] * w.units
+            + TRUE[3] * w.unit_tokens)
+
+
+def random_work(rng: random.Random) -> Work:
+    units = rng.randint(0, 6)
+    return Work(rng.choice([0, rng.randint(1, 2048)]), units, units * rng.randint(16, 1024))
+
+
+def test_a_wrong_prior_is_corrected_by_measured_iterations():
+    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, learn=True)   # ten times too slow
+    rng = random.Random(0)
+    for _ in range(20 * REFIT_EVERY):
+        w = random_work(rng)
+        cost.observe(w, true_seconds(w))
+    assert cost.params() == pytest.approx(TRUE, rel=0.05)
+    assert 1.0 <= cost.margin < 1.05
+    assert cost.error < 0.05
+    w = Work(512, 3, 1536)
+    assert cost.forward_s(512) == pytest.approx(TRUE[0] + 512 * TRUE[1], rel=0.06)
+    assert cost.predict(w) == pytest.approx(true_seconds(w), rel=0.05)
+
+
+def test_the_margin_covers_the_noise_so_plans_stay_within_the_target():
+    cost = CostModel(*TRUE, learn=True)
+    rng = random.Random(1)
+    for _ in range(16 * REFIT_EVERY):
+        w = random_work(rng)
+        cost.observe(w, true_seconds(w) * rng.uniform(0.9, 1.2))
+    assert 1.1 < cost.margin <= 1.25
+    overrun = []
+    for _ in range(2000):
+        budget = rng.uniform(0.01, 0.05)
+        tokens = cost.forward_tokens_within(budget, fixed_paid=False)
+        assert tokens > 0
+        overrun.append(true_seconds(Work(tokens)) * rng.uniform(0.9, 1.2) / budget)
+    overrun.sort()
+    assert overrun[int(0.99 * len(overrun))] <= 1.05, "p99 of iteration time within 1.05x of the target"
+
+
+def test_coefficients_never_go_negative():
+    cost = CostModel(0.001, 1e-5, 0.001, 1e-5, learn=True)
+    rng = random.Random(2)
+    for _ in range(4 * REFIT_EVERY):
+        w = random_work(rng)
+        cost.observe(w, 1e-5 * w.forward_tokens + 1e-3)   # units cost nothing; only forwards are timed
+    assert all(p >= 0 for p in cost.params())
+
+
+def test_a_given_model_stays_fixed():
+    cost = CostModel(*TRUE)
+    for _ in range(4 * REFIT_EVERY):
+        cost.observe(Work(100, 1, 100), 1.0)
+    assert cost.params() == TRUE and cost.margin == 1.0 and cost.error is None
+
+
+def test_the_engine_learns_its_own_iteration_times_and_exports_the_error(llama_dir, tmp_path):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8})
+                                         + "\n")
+    prior = CostModel(1.0, 1e-2, 1.0, 1e-2, learn=True)    # seconds per iteration: far too slow for this CPU
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=1e5, cost_model=prior)
+    spec = JobSpec.model_validate({"id": "learn", "dataset": {"path": "data.jsonl", "format": "text"},
+                                   "output": "out", "training": {"epochs": 40, "chunk_tokens": 16}})
+    engine.finetune.add(build_job(engine, spec))
+    for i in range(6):
+        engine.add_request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=20))
+    async_engine = AsyncEngine(engine)   # the server's engine loop, which exports the metrics
+    async_engine.start()
+    try:
+        deadline = time.time() + 60
+        while engine.cost.error is None or len(engine.cost._seen) < 3 * REFIT_EVERY:
+            assert time.time() < deadline, "the engine did not refit its cost model"
+            time.sleep(0.05)
+        text = async_engine.metrics.render().decode()
+    finally:
+        async_engine.shutdown()
+    assert engine.cost.fwd_fixed_s < 0.1 and engine.cost.fwd_per_token_s < 1e-3
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert 0 <= samples["coserve_cost_model_relative_error"] < 10
+    assert samples["coserve_cost_model_margin"] >= 1.0
