@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 WINDOW = 256            # iterations the fit looks back on
 REFIT_EVERY = 16        # observations between refits
-PRIOR_WEIGHT = 0.01     # the prior's pull, as a squared relative error of one iteration
+PRIOR_WEIGHT = 0.01     # the prior's pull, against one iteration's squared relative error
+MAX_MARGIN = 2.0        # past this the fit is not the problem (a noisy host): plan on the fit, do not starve
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,12 @@ class Work:
     forward_tokens: int = 0      # prefill, finetuning-forward and decode tokens in the forward, if one ran
     units: int = 0               # backward units
     unit_tokens: int = 0         # their tokens
+    optimizer_steps: int = 0
+    saved: bool = False          # a checkpoint was written (disk time, not a property of the work: not learned)
 
     def features(self) -> list[float]:
-        return [float(self.forward_tokens > 0), float(self.forward_tokens), float(self.units), float(self.unit_tokens)]
+        return [float(self.forward_tokens > 0), float(self.forward_tokens), float(self.units), float(self.unit_tokens),
+                float(self.optimizer_steps)]
 
 
 @dataclass
@@ -38,10 +42,11 @@ class CostModel:
     fwd_per_token_s: float
     unit_fixed_s: float
     unit_per_token_s: float
+    step_s: float = 0.0                  # an optimizer step (learned; the profile leaves it at 0)
     margin: float = 1.0                  # predictions are multiplied by this (>= 1) when planning
     learn: bool = False                  # refine from measured iterations (the profiled model does; a given one is fixed)
-    prior: tuple[float, ...] | None = field(default=None, repr=False)
     error: float | None = None           # median relative prediction error over the window, at the last refit
+    prior: tuple[float, ...] | None = field(default=None, repr=False)
     _seen: deque = field(default_factory=lambda: deque(maxlen=WINDOW), repr=False)
     _since_fit: int = field(default=0, repr=False)
 
@@ -49,8 +54,8 @@ class CostModel:
         if self.prior is None:
             self.prior = self.params()
 
-    def params(self) -> tuple[float, float, float, float]:
-        return self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s
+    def params(self) -> tuple[float, ...]:
+        return self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s
 
     def predict(self, work: Work) -> float:
         return float(np.dot(work.features(), self.params()))
@@ -76,7 +81,7 @@ class CostModel:
     def observe(self, work: Work, seconds: float) -> None:
         """Record one measured iteration (with what was predicted for it); every REFIT_EVERY of them the fit and
         the margin are updated."""
-        if not self.learn or seconds <= 0 or work.forward_tokens + work.units == 0:
+        if not self.learn or work.saved or seconds <= 0 or work.forward_tokens + work.units == 0:
             return
         self._seen.append((work.features(), seconds, self.predict(work)))
         self._since_fit += 1
@@ -85,28 +90,38 @@ class CostModel:
             self.refit()
 
     def refit(self) -> None:
-        """Least squares of the relative error over the window, with a weak pull toward the prior (which alone
-        decides what the window cannot, e.g. unit costs while no job trains), each coefficient kept >= 0; the
-        margin covers the 99th percentile of how much the refit model under-predicts the window."""
+        """Least squares of the relative error over the window, each coefficient pulled weakly toward the prior
+        (which alone decides those the window never exercised, e.g. unit costs while no job trains) and kept
+        >= 0; the margin covers the 99th percentile of how much the refit model under-predicts the window."""
         x = np.array([f for f, _, _ in self._seen])
         y = np.array([t for _, t, _ in self._seen])
         prior = np.array(self.prior)
-        pull = np.sqrt(PRIOR_WEIGHT) / np.maximum(prior, 1e-12)
-        rows = np.vstack([x / y[:, None], np.diag(pull)])
-        target = np.concatenate([np.ones(len(y)), np.sqrt(PRIOR_WEIGHT) * (prior > 0)])
-        free = list(range(4))
-        theta = np.zeros(4)
+        rel = x / y[:, None]
+        pull = np.sqrt(PRIOR_WEIGHT) * rel.mean(axis=0)
+        theta = prior.copy()
+        free = [j for j in range(len(prior)) if rel[:, j].any()]
         while free:
-            sol = np.linalg.lstsq(rows[:, free], target, rcond=None)[0]
+            rows = np.vstack([rel[:, free], np.diag(pull[free])])
+            target = np.concatenate([np.ones(len(y)), pull[free] * prior[free]])
+            sol = np.linalg.lstsq(rows, target, rcond=None)[0]
             if (sol >= 0).all():
                 theta[free] = sol
                 break
-            free = [j for j, v in zip(free, sol) if v > 0]
-        self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s = map(float, theta)
+            for j, v in zip(free, sol):
+                if v < 0:
+                    theta[j] = 0.0
+            free = [j for j, v in zip(free, sol) if v >= 0]
+        self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s = map(float,
+                                                                                                           theta)
         ratios = y / np.maximum(x @ theta, 1e-9)
-        self.margin = float(max(1.0, np.quantile(ratios, 0.99)))
+        self.margin = float(min(MAX_MARGIN, max(1.0, np.quantile(ratios, 0.99))))
         predicted = np.array([p for _, _, p in self._seen])
         self.error = float(np.median(np.abs(predicted - y) / y))
+
+    def to_dict(self) -> dict:
+        return {"fwd_fixed_s": self.fwd_fixed_s, "fwd_per_token_s": self.fwd_per_token_s,
+                "unit_fixed_s": self.unit_fixed_s, "unit_per_token_s": self.unit_per_token_s, "step_s": self.step_s,
+                "margin": self.margin}
 
 
 class IterationClock:
@@ -137,10 +152,6 @@ class IterationClock:
             start, end, w = self._pending.popleft()
             done.append((w, start.elapsed_time(end) / 1000))
         return done
-
-    def to_dict(self) -> dict:
-        return {"fwd_fixed_s": self.fwd_fixed_s, "fwd_per_token_s": self.fwd_per_token_s,
-                "unit_fixed_s": self.unit_fixed_s, "unit_per_token_s": self.unit_per_token_s, "margin": self.margin}
 
 
 def _line(x: tuple[int, int], y: tuple[float, float]) -> tuple[float, float]:

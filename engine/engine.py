@@ -119,6 +119,7 @@ class LLMEngine:
         fit in what the latency target leaves; returns a delta for every request that produced a token."""
         start = time.perf_counter()
         self.clock.start()
+        steps, saves = self.finetune.counters()
         budget = self.config.tpot_slo_ms / 1000
         chunks = self.scheduler.schedule()
         inference_tokens = sum(c.length for c in chunks)
@@ -142,8 +143,10 @@ class LLMEngine:
         units = unit_tokens = 0
         if self.finetune.has_work():
             units, unit_tokens = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
-        for work, seconds in self.clock.stop(Work(forward_tokens, units, unit_tokens)):
-            self.cost.observe(work, seconds)
+        steps_after, saves_after = self.finetune.counters()
+        work = Work(forward_tokens, units, unit_tokens, steps_after - steps, saves_after > saves)
+        for done, seconds in self.clock.stop(work):
+            self.cost.observe(done, seconds)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
         self.last_step = StepStats(inference_tokens - decode, decode, forward_tokens - inference_tokens, units,
                                    unit_tokens, time.perf_counter() - start)

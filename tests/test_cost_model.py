@@ -17,21 +17,22 @@ from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.sampling import SamplingParams
 
-TRUE = (0.004, 2e-5, 0.0015, 3e-6)
+TRUE = (0.004, 2e-5, 0.0015, 3e-6, 0.002)
 
 
 def true_seconds(w: Work) -> float:
     return (TRUE[0] * (w.forward_tokens > 0) + TRUE[1] * w.forward_tokens + TRUE[2] * w.units
-            + TRUE[3] * w.unit_tokens)
+            + TRUE[3] * w.unit_tokens + TRUE[4] * w.optimizer_steps)
 
 
 def random_work(rng: random.Random) -> Work:
     units = rng.randint(0, 6)
-    return Work(rng.choice([0, rng.randint(1, 2048)]), units, units * rng.randint(16, 1024))
+    return Work(rng.choice([0, rng.randint(1, 2048)]), units, units * rng.randint(16, 1024),
+                int(units > 0 and rng.random() < 0.2))
 
 
 def test_a_wrong_prior_is_corrected_by_measured_iterations():
-    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, learn=True)   # ten times too slow
+    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, 0.0, learn=True)   # ten times too slow, and steps free
     rng = random.Random(0)
     for _ in range(20 * REFIT_EVERY):
         w = random_work(rng)
@@ -61,13 +62,22 @@ def test_the_margin_covers_the_noise_so_plans_stay_within_the_target():
     assert overrun[int(0.99 * len(overrun))] <= 1.05, "p99 of iteration time within 1.05x of the target"
 
 
-def test_coefficients_never_go_negative():
-    cost = CostModel(0.001, 1e-5, 0.001, 1e-5, learn=True)
+def test_coefficients_never_go_negative_and_unexercised_ones_keep_the_prior():
+    cost = CostModel(0.001, 1e-5, 0.001, 1e-5, 0.003, learn=True)
     rng = random.Random(2)
     for _ in range(4 * REFIT_EVERY):
         w = random_work(rng)
-        cost.observe(w, 1e-5 * w.forward_tokens + 1e-3)   # units cost nothing; only forwards are timed
+        w = Work(w.forward_tokens, w.units, w.unit_tokens)
+        cost.observe(w, 1e-5 * w.forward_tokens + 1e-3)   # units cost nothing; no optimizer step ran
     assert all(p >= 0 for p in cost.params())
+    assert cost.step_s == 0.003
+
+
+def test_iterations_that_wrote_a_checkpoint_are_not_learned():
+    cost = CostModel(*TRUE, learn=True)
+    for _ in range(4 * REFIT_EVERY):
+        cost.observe(Work(100, 1, 100, 1, saved=True), 5.0)
+    assert cost.params() == TRUE and cost.error is None
 
 
 def test_a_given_model_stays_fixed():

@@ -98,6 +98,7 @@ class FinetuneJob:
         self.step_loss = 0.0
         self.step_targets = 0
         self.recorded_losses: dict | None = None  # the loss summary of a job read back from its record
+        self.saves = 0                            # checkpoints written by this process (host I/O the cost model skips)
 
     @classmethod
     def from_record(cls, record: JobRecord, engine: "LLMEngine", output: Path) -> "FinetuneJob":
@@ -289,6 +290,7 @@ class FinetuneJob:
     def save_checkpoint(self, persist: bool = True) -> Checkpoint:
         """Write the adapter of the last finished step, apply the retention limit, and record both."""
         root = Path(self.engine.config.data_root).resolve()
+        self.saves += 1
         ckpt = save_checkpoint(self.output, root, self.step, self.adapter, self.optimizer,
                                {"tokens": self.tokens, "losses": self.losses, "job_id": self.spec.id},
                                self.engine.config.model)

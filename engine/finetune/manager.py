@@ -279,6 +279,11 @@ class FinetuneManager:
             self._activate()
         return any(j.active for j in self.jobs.values())
 
+    def counters(self) -> tuple[int, int]:
+        """(optimizer steps, checkpoints written) over all jobs, to tell what an iteration did."""
+        jobs = list(self.jobs.values())
+        return sum(j.step for j in jobs), sum(j.saves for j in jobs)
+
     def slots_free(self) -> int:
         return max(0, self.max_active - sum(j.active for j in self.jobs.values()))
 
