@@ -113,7 +113,7 @@ def write_model(out: Path, shape: dict, device: str) -> Path:
             save_file(shard, str(out / file), metadata={"format": "pt"})
             index.update({k: file for k in shard})
             shard, size = {}, 0
-    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     return out
 
 

@@ -48,18 +48,18 @@ class TrainAdapter:
 
     def delta(self, names: list[str], sizes: list[int], x: torch.Tensor,
               dropout: Dropout | None) -> torch.Tensor | None:
-        """scaling * B @ A @ x for each adapted slice of a merged projection, in fp32 as PEFT computes it; without
-        dropout the slices share one cast of x and one A GEMM."""
+        """scaling * B @ A @ x for each adapted slice of a merged projection, in x's dtype (fp32 masters, cast in
+        the graph; GEMMs accumulate in fp32); without dropout the slices share one A GEMM."""
         picked = [(i, self.params[n]) for i, n in enumerate(names) if n in self.params]
         if not picked:
             return None
         if dropout is None:
-            shrunk = (x.float() @ torch.cat([a for _, (a, _) in picked]).T).split(self.rank, dim=1)
+            shrunk = (x @ torch.cat([a for _, (a, _) in picked]).to(x.dtype).T).split(self.rank, dim=1)
         else:
-            shrunk = [dropout(names[i], x).float() @ a.T for i, (a, _) in picked]
+            shrunk = [dropout(names[i], x) @ a.to(x.dtype).T for i, (a, _) in picked]
         parts = [x.new_zeros(x.shape[0], size) for size in sizes]
         for (i, (_, b)), s in zip(picked, shrunk):
-            parts[i] = (s @ b.T * self.scaling).to(x.dtype)
+            parts[i] = s @ (b * self.scaling).to(x.dtype).T
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def load(self, modules: dict[str, dict[str, torch.Tensor]]) -> None:
