@@ -205,8 +205,7 @@ class LoRARegistry:
                            self.loads)
         self.adapters[name] = info
         log.info("adapter %s %s from %s (rank %d)", name, "reloaded" if old else "loaded", info.path, rank,
-                 extra={"event": "adapter_loaded", "adapter": name, "path": info.path,
-                        "reason": "reload" if old else None})
+                 extra={"event": "adapter_loaded", "adapter": name, "path": info.path})
         return info
 
     def write_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:

@@ -124,9 +124,8 @@ class TokenizeRequest(Finite):
     model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
-    add_special_tokens: bool | None = Field(None, description="default: as generation tokenizes it (no "
-                                                              "special tokens added; chat templates add "
-                                                              "their own)")
+    add_special_tokens: bool = Field(False, description="the default is what generation does: it adds none "
+                                                        "(chat templates write their own)")
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 

@@ -88,7 +88,7 @@ def vllm_tools_router(engine: AsyncEngine, chat_encoder: ChatEncoder | None, max
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send exactly one of prompt and messages", "prompt")
-        special = bool(req.add_special_tokens)
+        special = req.add_special_tokens
         if req.prompt is not None:
             check_chars(len(req.prompt), "prompt")
             ids = await asyncio.to_thread(
