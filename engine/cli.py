@@ -11,6 +11,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from coserve.engine.config import EngineConfig
+from coserve.engine.logs import FORMATS, configure_logging
 
 if TYPE_CHECKING:
     import uvicorn
@@ -34,7 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from coserve.engine.paths import resolve_under
     from coserve.engine.server import create_app, load_token
 
-    config = EngineConfig(model=args.model, data_root=args.data_root, device=args.device, dtype=args.dtype,
+    dtype = None if args.dtype == "auto" else args.dtype
+    config = EngineConfig(model=args.model, data_root=args.data_root, device=args.device, dtype=dtype,
                           host=args.host, port=args.port, num_kv_blocks=args.num_kv_blocks,
                           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
@@ -53,8 +55,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async_engine = AsyncEngine(engine)
     async_engine.start()
     logging.getLogger("coserve").info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
+    # With JSON logs uvicorn gets no log config of its own: its loggers then propagate to our JSON handler.
+    uvicorn_logs = {"log_config": None} if args.log_format == "json" else {}
     server_config = uvicorn.Config(create_app(async_engine), host=args.host, port=args.port,
-                                   log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace)
+                                   log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace,
+                                   **uvicorn_logs)
     try:
         _run_server(server_config, engine.finetune.request_stop)
     except KeyboardInterrupt:   # uvicorn re-raises Ctrl-C once it has shut down cleanly
@@ -111,17 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-token-file", help="file holding the admin API bearer token "
                                                   "(else COSERVE_ADMIN_TOKEN; neither disables the admin API)")
     serve.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cuda", "cpu"])
-    serve.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                       help="weights and KV cache dtype (default: bfloat16 on cuda, float32 on cpu)")
+    serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="weights and KV cache dtype (default, or auto: bfloat16 on cuda, float32 on cpu)")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                        help="load a PEFT LoRA adapter at start (PATH under --data-root); repeatable")
     serve.add_argument("--served-model-name", help="name of the base model in the API (default: folder name)")
     serve.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: from --kv-cache-memory)")
-    serve.add_argument("--kv-cache-memory", type=float, default=0.5,
-                       help="KV cache size: GiB on cpu, fraction of free GPU memory on cuda")
+    serve.add_argument("--kv-cache-memory", "--gpu-memory-utilization", type=float, default=0.5,
+                       help="KV cache size: GiB on cpu, fraction of free GPU memory on cuda (vLLM's "
+                            "--gpu-memory-utilization is taken as this fraction)")
     serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="requests in one batch at most")
-    serve.add_argument("--max-batched-tokens", type=int, default=512, help="tokens in one iteration at most")
+    serve.add_argument("--max-batched-tokens", "--max-num-batched-tokens", type=int, default=512,
+                       help="tokens in one iteration at most")
     serve.add_argument("--max-loras", type=int, default=8, help="adapter slots")
     serve.add_argument("--max-lora-rank", type=int, default=128, help="largest adapter rank accepted")
     serve.add_argument("--tpot-slo-ms", type=float, default=50.0,
@@ -143,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace", type=_seconds, default=20.0,
                        help="seconds allowed on SIGTERM/SIGINT to checkpoint running finetuning jobs (and to let "
                             "open requests finish) before the process exits")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", help="level of the HTTP server's logs")
+    serve.add_argument("--log-format", choices=FORMATS, default="text",
+                       help="json: one JSON object per line (ts, level, logger, msg and event fields such as "
+                            "event, job_id, request_id, step, sha256, reason, adapter)")
     serve.set_defaults(func=cmd_serve)
 
     dm = sub.add_parser("demo-model", help="write the embedded tiny model as a Hugging Face directory",
@@ -183,8 +193,8 @@ def _cuda() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "log_format", "text"))
     return args.func(args)
 
 

@@ -130,6 +130,7 @@ def run_demo(workdir: Path) -> int:
     (data_root / "demo_task.jsonl").write_text(dataset)
     task = [json.loads(line) for line in dataset.splitlines() if line.strip()]
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("coserve").setLevel(logging.WARNING)   # the demo's own lines tell the job's story
     token = secrets.token_urlsafe(16)
     config = EngineConfig(model=str(model_dir), data_root=str(data_root), admin_token=token, num_kv_blocks=256,
                           served_model_name=MODEL_NAME)

@@ -4,6 +4,7 @@ when its last request ends."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from coserve.engine.paths import PathError, file_under
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_SCALING = 1e4     # lora_alpha / r (or / sqrt(r)); real adapters stay far below
+log = logging.getLogger("coserve.lora")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -202,6 +204,8 @@ class LoRARegistry:
         info = AdapterInfo(name, display_path or adapter_dir.name, slot, rank, alpha, scaling, rslora, targets,
                            self.loads)
         self.adapters[name] = info
+        log.info("adapter %s %s from %s (rank %d)", name, "reloaded" if old else "loaded", info.path, rank,
+                 extra={"event": "adapter_loaded", "adapter": name, "path": info.path})
         return info
 
     def write_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
@@ -234,6 +238,7 @@ class LoRARegistry:
     def unload(self, name: str) -> AdapterInfo:
         info = self.adapters.pop(name)
         self._retire(info.slot)
+        log.info("adapter %s unloaded", name, extra={"event": "adapter_unloaded", "adapter": name, "path": info.path})
         return info
 
     def acquire(self, name: str) -> int:

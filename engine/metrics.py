@@ -1,9 +1,29 @@
-"""Prometheus metrics: latency histograms observed per request, gauges read at scrape time."""
+"""Prometheus metrics: latency histograms observed per request, gauges read at scrape time. The gauges an
+inference gateway's endpoint picker scrapes (Gateway API Inference Extension model server protocol) also
+appear under vLLM's names, the picker's defaults, so a pool of engines needs no picker configuration."""
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class GatewayState:
+    """What the endpoint picker reads of one engine at a scrape."""
+
+    model: str
+    running: int
+    waiting: int
+    kv_usage: float                    # fraction of KV blocks in use, 0..1
+    max_lora: int                      # adapter slots that serving can use (those training jobs hold excluded)
+    running_adapters: list[str]        # loaded in a slot, so a request naming one is served at once
+    waiting_adapters: list[str]        # named by queued requests
+    block_size: int
+    num_blocks: int
 
 
 class Metrics:
@@ -34,6 +54,35 @@ class Metrics:
         self.cost_margin = Gauge("coserve_cost_model_margin", "Factor the planner applies to predicted "
                                  "iteration times (the recent 99th percentile of measured / predicted)", registry=r)
         self._job_ids: set[str] = set()
+        label = ["model_name"]
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for KV blocks or a batch slot "
+                                  "(model server protocol: TotalQueuedRequests)", label, registry=r)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests being processed (model server "
+                                  "protocol: TotalRunningRequests)", label, registry=r)
+        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use, 0 to 1 (model server "
+                             "protocol: KVCacheUtilization)", label, registry=r)
+        self.vllm_gpu_kv = Gauge("vllm:gpu_cache_usage_perc", "Fraction of KV blocks in use, 0 to 1 (the name "
+                                 "earlier pickers scrape)", label, registry=r)
+        self.lora_info = Gauge("vllm:lora_requests_info", "LoRA adapters: loaded ones (running), those queued "
+                               "requests name (waiting) and the slots serving can use (max_lora); the value is the "
+                               "time of the scrape", ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                               registry=r)
+        self.cache_info = Gauge("vllm:cache_config_info", "KV cache layout, in labels", ["block_size",
+                                                                                         "num_gpu_blocks"],
+                                registry=r)
+
+    def set_gateway(self, state: GatewayState) -> None:
+        """The picker's gauges. The LoRA info keeps a single series (the picker takes the newest by value),
+        replaced whenever its labels change."""
+        self.vllm_waiting.labels(state.model).set(state.waiting)
+        self.vllm_running.labels(state.model).set(state.running)
+        self.vllm_kv.labels(state.model).set(state.kv_usage)
+        self.vllm_gpu_kv.labels(state.model).set(state.kv_usage)
+        self.lora_info.clear()
+        self.lora_info.labels(str(state.max_lora), ",".join(state.running_adapters),
+                              ",".join(state.waiting_adapters)).set(time.time())
+        self.cache_info.clear()
+        self.cache_info.labels(str(state.block_size), str(state.num_blocks)).set(1)
 
     def set_jobs(self, states: dict[str, int], jobs: dict[str, tuple[int, float | None]]) -> None:
         """Job counts by state and each listed job's (step, loss); a job no longer listed loses its series,

@@ -101,3 +101,35 @@ class AdapterLoad(Finite):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: Text = Field(min_length=1)
+
+
+class LoadLoRAAdapterRequest(Finite):
+    """vLLM's `POST /v1/load_lora_adapter` body; other fields vLLM's clients send (`base_model_name`) are
+    ignored."""
+
+    lora_name: Text = Field(min_length=1)
+    lora_path: Text = Field(min_length=1)
+    load_inplace: bool = Field(False, description="replace an adapter already loaded under this name")
+
+
+class UnloadLoRAAdapterRequest(Finite):
+    """vLLM's `POST /v1/unload_lora_adapter` body (`lora_int_id` is vLLM-internal and ignored)."""
+
+    lora_name: Text = Field(min_length=1)
+
+
+class TokenizeRequest(Finite):
+    """vLLM's `POST /tokenize`: a `prompt`, or chat `messages` rendered through the chat template."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = Field(False, description="the default is what generation does: it adds none "
+                                                        "(chat templates write their own)")
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Finite):
+    model: Text | None = None
+    tokens: list[int] = Field(max_length=1 << 20)

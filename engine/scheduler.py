@@ -5,12 +5,15 @@ blocks a request has filled are offered to the cache at the start of the next `s
 advanced `num_computed` past tokens whose KV it wrote), and when it is preempted or finishes."""
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.sequence import Sequence, Status
+
+log = logging.getLogger("coserve.scheduler")
 
 
 @dataclass
@@ -63,6 +66,9 @@ class Scheduler:
         seq.status, seq.num_computed = Status.WAITING, 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
+        log.info("preempted request %s: KV blocks ran out; it is recomputed later", seq.request_id,
+                 extra={"event": "request_preempted", "request_id": seq.request_id, "reason": "kv_blocks_exhausted",
+                        "adapter": seq.adapter_name})
 
     @staticmethod
     def _salt(seq: Sequence) -> tuple[bool, str | None]:

@@ -4,24 +4,20 @@ of the schema. Answers name paths relative to the data root only."""
 from __future__ import annotations
 
 import asyncio
-import hmac
-import re
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from coserve.engine.api.adapters import AdapterOps
+from coserve.engine.api.auth import admin_auth
 from coserve.engine.api.errors import APIError, from_validation
 from coserve.engine.api.limits import require_json
 from coserve.engine.async_engine import AsyncEngine
 from coserve.engine.finetune.manager import JobError, build_job
 from coserve.engine.finetune.spec import JobSpec
-from coserve.engine.lora import AdapterError
-from coserve.engine.paths import PathError, resolve_under
 from coserve.engine.protocol import AdapterLoad
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -42,31 +38,13 @@ async def parse_body(request: Request, model: type[M]) -> M:
 def admin_router(engine: AsyncEngine) -> APIRouter:
     core = engine.engine
     cfg = core.config
-    root = str(Path(cfg.data_root).resolve())
-
-    def require_admin(request: Request) -> None:
-        if not cfg.admin_token:
-            raise APIError(403, "the admin API is disabled: start the server with --admin-token-file "
-                                "or COSERVE_ADMIN_TOKEN")
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), cfg.admin_token.encode()):
-            raise APIError(401, "missing or wrong admin bearer token")
-
-    def relative(value: Any) -> Any:
-        """Server paths in messages (an OS error names the file) are cut to paths under the data root."""
-        if isinstance(value, str):
-            return value.replace(root + "/", "").replace(root, ".")
-        if isinstance(value, dict):
-            return {k: relative(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [relative(v) for v in value]
-        return value
+    adapters = AdapterOps(engine)
+    relative = adapters.relative
 
     def refuse(status: int, message: str, param: str | None) -> APIError:
         return APIError(status, relative(message), param)
 
-    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+    router = APIRouter(prefix="/admin", dependencies=[Depends(admin_auth(cfg.admin_token))])
 
     @router.get("/capacity")
     async def capacity() -> dict:
@@ -86,40 +64,18 @@ def admin_router(engine: AsyncEngine) -> APIRouter:
     async def list_adapters() -> dict:
         return {"adapters": [info.to_dict() for _, info in sorted(core.loras.adapters.items())]}
 
-    def adapter_or_404(name: str) -> dict:
-        info = core.loras.adapters.get(name)
-        if info is None:
-            raise APIError(404, f"adapter {name!r} is not loaded", "name")
-        return info.to_dict()
-
     @router.get("/adapters/{name}")
     async def get_adapter(name: str) -> dict:
-        return adapter_or_404(name)
+        return adapters.loaded(name, "name").to_dict()
 
     @router.put("/adapters/{name}", openapi_extra=body_schema(AdapterLoad))
     async def put_adapter(name: str, request: Request) -> dict:
         body = await parse_body(request, AdapterLoad)
-        if not ADAPTER_NAME.match(name) or name == core.model_name:
-            raise APIError(400, "adapter name must be 1-63 letters, digits, '.', '_' or '-', start with a letter "
-                                "or digit, and differ from the base model's name", "name")
-        try:
-            path = resolve_under(cfg.data_root, body.path)
-        except PathError as exc:
-            raise refuse(400, str(exc), "path") from exc
-        if not path.is_dir():
-            raise APIError(404, f"adapter folder {body.path!r} does not exist under the data root", "path")
-        try:
-            info = await engine.call(lambda: core.loras.load(name, path, body.path, Path(root)))
-        except AdapterError as exc:
-            status = 409 if "slots" in str(exc) else 400
-            raise refuse(status, str(exc), "path" if status == 400 else None) from exc
-        return info.to_dict()
+        return (await adapters.load(name, body.path, "name", "path")).to_dict()
 
     @router.delete("/adapters/{name}")
     async def delete_adapter(name: str) -> dict:
-        adapter_or_404(name)
-        info = await engine.call(lambda: core.loras.unload(name))
-        return info.to_dict()
+        return (await adapters.unload(name, "name")).to_dict()
 
     def job_or_404(job_id: str):
         job = core.finetune.jobs.get(job_id)

@@ -24,21 +24,23 @@ class ChatEncoder:
             self.literal = Tokenizer.from_str(backend.to_str())
             self.literal.encode_special_tokens = True
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
         except Exception as exc:  # a template is user-supplied Jinja: any error it raises is the request's
             raise ChatTemplateError(f"the chat template rejected the messages: {exc}") from exc
         if not isinstance(text, str):
             raise ChatTemplateError("the chat template did not render text")
         return text
 
-    def content_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]] | None:
+    def content_spans(self, messages: list[dict[str, str]],
+                      add_generation_prompt: bool = True) -> tuple[str, list[tuple[int, int]]] | None:
         """The rendered prompt and where each message's content lies in it, found by rendering unguessable
         placeholders first; None when the template alters or repeats content (then spans are unknown)."""
         nonce = secrets.token_hex(8)
         marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
-        skeleton = self.render([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        skeleton = self.render([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
         text, spans, pos = "", [], 0
         for mark, message in zip(marks, messages):
             at = skeleton.find(mark, pos)
@@ -50,11 +52,12 @@ class ChatEncoder:
             pos = at + len(mark)
         return text + skeleton[pos:], spans
 
-    def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the chat prompt (with the generation prompt); content never yields special tokens."""
-        located = self.content_spans(messages) if self.literal is not None else None
+    def encode(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat prompt (by default with the generation prompt); content never yields special
+        tokens."""
+        located = self.content_spans(messages, add_generation_prompt) if self.literal is not None else None
         if located is None:
-            return self._encode_unlocated(messages)
+            return self._encode_unlocated(messages, add_generation_prompt)
         text, spans = located
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc.input_ids), list(enc.offset_mapping)
@@ -80,7 +83,7 @@ class ChatEncoder:
                 out.append(cuts[i])
         return out
 
-    def _encode_unlocated(self, messages: list[dict[str, str]]) -> list[int]:
+    def _encode_unlocated(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
         """A template that rewrites content, or a tokenizer without a fast twin: safe only when no content holds
         a special token's text."""
         names = [self.tokenizer.convert_ids_to_tokens(i) for i in sorted(self.special_ids)]
@@ -89,4 +92,4 @@ class ChatEncoder:
             if typed:
                 raise ChatTemplateError(f"messages[{i}].content contains the special token {typed[0]!r}, which "
                                         "this model's chat template does not let us keep as text")
-        return list(self.tokenizer(self.render(messages), add_special_tokens=False).input_ids)
+        return list(self.tokenizer(self.render(messages, add_generation_prompt), add_special_tokens=False).input_ids)

@@ -25,13 +25,17 @@ log = logging.getLogger("coserve.api")
 PROMPT_CHARS_PER_TOKEN = 8   # the default prompt limit in characters: this many per token of the context
 
 
-def openai_router(engine: AsyncEngine) -> APIRouter:
+def max_prompt_chars(engine: AsyncEngine) -> int:
+    """The longest prompt taken, in characters, checked before tokenizing (--max-prompt-chars)."""
     core = engine.engine
-    cfg = core.config
+    return core.config.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * core.max_model_len
+
+
+def openai_router(engine: AsyncEngine, chat_encoder: ChatEncoder | None) -> APIRouter:
+    core = engine.engine
     tokenizer = core.tokenizer
-    chat_encoder = ChatEncoder(tokenizer) if tokenizer.chat_template is not None else None
     vocab = core.model_config.vocab_size
-    max_chars = cfg.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * core.max_model_len
+    max_chars = max_prompt_chars(engine)
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_json)])
 
     @router.get("/models")

@@ -139,6 +139,8 @@ class FinetuneJob:
         self.slot = eng.loras.reserve_training_slot()
         eng.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
         self.state, self.started = JobState.RUNNING, time.time()
+        log.info("job %s started at step %d of %d", self.spec.id, self.step, self.total_steps,
+                 extra={"event": "job_started", "job_id": self.spec.id, "step": self.step})
         if self.step >= self.total_steps:
             self._finish(JobState.SUCCEEDED)
         else:
@@ -159,6 +161,11 @@ class FinetuneJob:
         self._release()
         self.sequences, self.resume, self.init_modules = [], None, None
         self.state, self.error, self.finished = state, error, time.time()
+        event = "job_finished" if state is JobState.SUCCEEDED else f"job_{state.value}"
+        log.log(logging.WARNING if state is JobState.FAILED else logging.INFO, "job %s %s at step %d%s",
+                self.spec.id, state.value, self.step, f": {error}" if error else "",
+                extra={"event": event, "job_id": self.spec.id, "step": self.step, "state": state.value,
+                       "reason": error})
         try:
             self.persist()
         finally:
@@ -296,6 +303,9 @@ class FinetuneJob:
                                self.engine.config.model)
         self.checkpoints = sorted([c for c in self.checkpoints if c.step != ckpt.step] + [ckpt],
                                   key=lambda c: c.step)
+        log.info("job %s wrote checkpoint %s (sha256 %s)", self.spec.id, ckpt.path, ckpt.sha256,
+                 extra={"event": "job_checkpoint", "job_id": self.spec.id, "step": ckpt.step,
+                        "sha256": ckpt.sha256, "path": ckpt.path})
         self._prune(root)
         if persist:
             self.persist()

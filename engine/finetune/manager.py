@@ -179,6 +179,9 @@ class FinetuneManager:
         remove_tmp_folders(job.output)
         job.persist()
         self.jobs[job.spec.id] = job
+        resuming = f", resuming from {job.spec.resume_from}" if job.spec.resume_from else ""
+        log.info("job %s created (output %s%s)", job.spec.id, job.spec.output, resuming,
+                 extra={"event": "job_created", "job_id": job.spec.id, "step": job.step, "path": job.spec.output})
         self._activate()
 
     def resume_spec(self, job_id: str) -> JobSpec:
