@@ -296,8 +296,13 @@ def duration_text(seconds: int) -> str:
 def _progress_fields(progress: dict, status: dict, events: list[Event]) -> dict:
     """Status fields from the engine's job progress, under Kubeflow Trainer's names (`progressPercentage`,
     `estimatedRemainingSeconds`) and as the text of the PROGRESS, ETA and STEP columns."""
+    listed = [c for c in progress.get("checkpoints") or [] if isinstance(c, dict)]
     old = _merge_checkpoints(status.get("checkpoints") or [], [])
-    checkpoints = _merge_checkpoints(old, [c for c in progress.get("checkpoints") or [] if isinstance(c, dict)])
+    # one this engine job wrote and no longer lists was deleted by its retention (save_total_limit); earlier
+    # attempts' checkpoints stay
+    kept = {c.get("step") for c in listed}
+    checkpoints = _merge_checkpoints([c for c in old if c["step"] <= _start_step(progress) or c["step"] in kept],
+                                     listed)
     for c in checkpoints:
         if c["step"] not in {o["step"] for o in old}:
             events.append(("Normal", "CheckpointWritten", f"step {c['step']}: {c['path']}"))
