@@ -217,6 +217,35 @@ def install_crds(kubeconfig: str | Path) -> None:
         time.sleep(0.5)
 
 
+THIRD_PARTY_CRDS = {   # module pinned in e2e/crds/go.mod -> its CRD files the chart's optional objects need
+    "sigs.k8s.io/gateway-api-inference-extension": [
+        "config/crd/bases/inference.networking.k8s.io_inferencepools.yaml"],
+    "github.com/prometheus-operator/prometheus-operator": [
+        "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
+        "example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml"]}
+
+
+def module_source(module: str) -> Path:
+    """A module's source tree as e2e/crds/go.mod pins it (Go downloads it once into its module cache and checks
+    it against go.sum)."""
+    out = subprocess.run(["go", "mod", "download", "-json", module], cwd=HERE / "crds", check=True,
+                         capture_output=True, text=True).stdout
+    return Path(json.loads(out)["Dir"])
+
+
+def install_third_party_crds(kubeconfig: str | Path) -> list[str]:
+    """The InferencePool, ServiceMonitor and PrometheusRule CRDs from their projects' releases, applied and
+    Established; returns the CRD names."""
+    names = []
+    for module, files in THIRD_PARTY_CRDS.items():
+        for rel in files:
+            path = module_source(module) / rel
+            kubectl(kubeconfig, "apply", "--server-side", "-f", str(path))
+            names.append(yaml.safe_load(path.read_text())["metadata"]["name"])
+    kubectl(kubeconfig, "wait", "--for", "condition=Established", "--timeout", "60s", *(f"crd/{n}" for n in names))
+    return names
+
+
 def operator_kubeconfig(plane: ControlPlane, path: Path) -> Path:
     """A kubeconfig holding a token of the operator's ServiceAccount, bound by the chart's RBAC only."""
     admin = plane.admin_kubeconfig

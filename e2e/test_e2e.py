@@ -32,6 +32,18 @@ def kubectl_get(kubeconfig: str, plural: str) -> list[dict[str, str]]:
     return [dict(zip(header, re.split(r"\s{2,}", line.strip()))) for line in lines[1:]]
 
 
+def describe(kubeconfig: str, kind: str, name: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """`kubectl describe` as a user reads it: the whole text, and its Events table as (type, reason, message)."""
+    text = kubectl(kubeconfig, "describe", kind, name, "-n", NS).stdout
+    table = text.split("\nEvents:", 1)[1].splitlines()[3:]   # after the header and its underline
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table]
+    return text, [(cols[0], cols[1], cols[-1]) for cols in rows if len(cols) >= 5]
+
+
+def squeeze(text: str) -> str:
+    return re.sub(r"[ \t]+", " ", text)
+
+
 def test_endpoint_becomes_ready_behind_its_service(api, cluster, engines, pool):
     kubeconfig, _ = cluster
     apply(kubeconfig, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "chat"},
@@ -64,13 +76,16 @@ def test_finetune_job_succeeds_and_a_following_endpoint_serves_it(api, cluster, 
                                 "checkpointEvery": 8}})
     apply(kubeconfig, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "taught"},
                        "spec": {"pool": pool, "replicas": 1, "adapter": {"fromFinetuneJob": {"name": "teach"}}}})
-    running = wait_for(api, "finetunejobs", "teach", lambda s: 0 < s.get("progress", {}).get("currentStep", 0) < 48)
+    running = wait_for(api, "finetunejobs", "teach", lambda s: 0 < s.get("progress", {}).get("currentStep", 0) < 48
+                       and s.get("etaText"))
     assert running["status"]["placement"]["engine"] in ("e0", "e1")
+    assert running["status"]["progress"]["estimatedRemainingSeconds"] >= 0
     row = next(r for r in kubectl_get(kubeconfig, "finetunejobs") if r["NAME"] == "teach")
     assert row["PHASE"] in ("Running", "Succeeded") and re.fullmatch(r"\d+/48", row["STEP"])
+    assert re.fullmatch(r"\d+%", row["PROGRESS"]) and re.fullmatch(r"(\d+[dhms])+", row["ETA"])
     done = wait_for(api, "finetunejobs", "teach", lambda s: s.get("phase") == "Succeeded", timeout=300)
     st = done["status"]
-    assert st["stepText"] == "48/48" and st["progress"]["percentage"] == 100
+    assert st["stepText"] == "48/48" and st["progress"]["progressPercentage"] == 100
     steps = kubectl(kubeconfig, "get", "finetunejob", "teach", "-n", NS, "-o",
                     "jsonpath={.status.checkpoints[*].step}").stdout.split()
     assert steps == ["16", "24", "32", "40", "48"]   # six written; the engine keeps the last five (+ best, final)
@@ -81,8 +96,28 @@ def test_finetune_job_succeeds_and_a_following_endpoint_serves_it(api, cluster, 
     out = client.completions.create(model="taught", prompt="Monday, Tuesday,", max_tokens=6, temperature=0)
     assert out.choices[0].text == " Wednesday"
     row = next(r for r in kubectl_get(kubeconfig, "finetunejobs") if r["NAME"] == "teach")
-    assert row["PHASE"] == "Succeeded" and row["PROGRESS"] == "100" and row["LATEST"] == st["latestCheckpoint"]
+    assert row["PHASE"] == "Succeeded" and row["PROGRESS"] == "100%" and row["ETA"] == "0s"
+    assert row["LATEST"] == st["latestCheckpoint"]
     assert ep["status"]["adapterPath"] == st["latestCheckpoint"]
+
+
+def test_kubectl_describe_tells_each_objects_story(cluster, pool):
+    """Conditions with a reason and a message, then the Events in the order things happened."""
+    kubeconfig, _ = cluster
+    text, events = describe(kubeconfig, "finetunejob", "teach")
+    for line in ("Reason: Completed", "Type: Succeeded", "Message: training finished", "Progress Percentage: 100"):
+        assert line in squeeze(text), line
+    reasons = [r for _, r, _ in events]
+    assert reasons[0] == "Placed" and reasons.index("CheckpointWritten") < reasons.index("Completed")
+    assert set(reasons[-2:]) == {"CheckpointWritten", "Completed"}   # the final checkpoint and the end: one pass
+    assert all(t == "Normal" for t, _, _ in events)
+    assert any(m.startswith("training on engine e") for _, r, m in events if r == "Placed")
+    text, events = describe(kubeconfig, "inferenceendpoint", "taught")
+    assert "Reason: AdapterLoaded" in squeeze(text) and "Type: Ready" in squeeze(text)
+    reasons = [r for _, r, _ in events]
+    assert reasons[0] == "WaitingForAdapter" and "AdapterLoaded" in reasons
+    text, _ = describe(kubeconfig, "coservingpool", pool)
+    assert "Reason: EnginesReady" in squeeze(text) and "Message: 2/2 engines answer" in squeeze(text)
 
 
 BAD = [

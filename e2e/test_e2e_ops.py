@@ -92,6 +92,50 @@ def test_gitops_reapply_changes_nothing_and_a_spec_change_is_reconciled(api, clu
         time.sleep(0.5)
 
 
+def scale_of(kubeconfig: str, plural: str, name: str) -> dict:
+    """The object's scale subresource, as an HPA reads it."""
+    return json.loads(kubectl(kubeconfig, "get", plural, name, "-n", NS, "--subresource", "scale", "-o",
+                              "json").stdout)
+
+
+def test_kubectl_scale_moves_endpoints_and_managed_pools(api, cluster, pool):
+    kubeconfig, _ = cluster
+    kubectl(kubeconfig, "apply", "-n", NS, "-f", "-", stdin=json.dumps({
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceEndpoint", "metadata": {"name": "scaled"},
+        "spec": {"pool": pool, "replicas": 1}}))
+    wait_for(api, "inferenceendpoints", "scaled", lambda s: ready(s) and s.get("replicas") == 1)
+    kubectl(kubeconfig, "scale", "-n", NS, "ie/scaled", "--replicas=3")
+    wide = wait_for(api, "inferenceendpoints", "scaled", lambda s: s.get("readyReplicasText") == "2/3")
+    placed = next(c for c in wide["status"]["conditions"] if c["type"] == "Placed")
+    assert wide["status"]["replicas"] == 2 and placed["reason"] == "NoCapacity"   # the pool has two engines
+    scale = scale_of(kubeconfig, "ie", "scaled")
+    assert scale["spec"]["replicas"] == 3 and scale["status"]["replicas"] == 2
+    assert scale["status"]["selector"] == f"app.kubernetes.io/name=coserve-engine,app.kubernetes.io/managed-by=" \
+                                          f"coserve-operator,coserve.dev/pool={pool}"
+    kubectl(kubeconfig, "scale", "-n", NS, "ie/scaled", "--replicas=1")
+    narrow = wait_for(api, "inferenceendpoints", "scaled", lambda s: ready(s) and s.get("replicas") == 1
+                      and s.get("readyReplicasText") == "1/1")
+    assert len(narrow["status"]["placements"]) == 1
+    kubectl(kubeconfig, "delete", "-n", NS, "ie/scaled", "--timeout", "60s")
+    refused = kubectl(kubeconfig, "scale", "-n", NS, f"csp/{pool}", "--replicas=3", check=False)
+    assert refused.returncode != 0   # engines you run yourself have no replicas to scale
+    managed = yaml.safe_load((ROOT / "examples" / "01-pool.yaml").read_text())
+    managed["metadata"]["name"] = "scaled-pool"
+    kubectl(kubeconfig, "apply", "-n", NS, "-f", "-", stdin=json.dumps(managed))
+    wait_for(api, "coservingpools", "scaled-pool", lambda s: s.get("replicas") == 2)
+    kubectl(kubeconfig, "scale", "-n", NS, "csp/scaled-pool", "--replicas=3")
+    wait_for(api, "coservingpools", "scaled-pool", lambda s: s.get("replicas") == 3 and s.get("readyEngines") == "0/3")
+    apps = kubernetes.client.AppsV1Api(api)
+    deadline = time.monotonic() + 30
+    while apps.read_namespaced_stateful_set("scaled-pool", NS).spec.replicas != 3:
+        assert time.monotonic() < deadline, "the StatefulSet did not follow the pool's scale"
+        time.sleep(0.5)
+    assert scale_of(kubeconfig, "csp", "scaled-pool")["status"]["selector"].endswith("coserve.dev/pool=scaled-pool")
+    hpa = kubectl(kubeconfig, "apply", "-n", NS, "--dry-run=server", "-f", "examples/autoscaling/")
+    assert "horizontalpodautoscaler.autoscaling/llama-pool created (server dry run)" in hpa.stdout
+    kubectl(kubeconfig, "delete", "-n", NS, "csp/scaled-pool", "--timeout", "60s")
+
+
 JOB = {"pool": "pool", "dataset": {"path": "task.jsonl", "format": "text"}}
 ENDPOINT = {"pool": "pool"}
 BAD = [

@@ -142,6 +142,7 @@ async def pool_pass(body: dict) -> tuple[dict, list[Event]]:
     conditions = set_condition(status.get("conditions") or [], "Ready", ready > 0, reason,
                                why or f"{ready}/{len(urls)} engines answer", gen)
     desired = {**status, "observedGeneration": gen, "engines": engines, "readyEngines": f"{ready}/{len(urls)}",
+               "replicas": len(urls), "selector": kube.label_selector(pool_labels(body)),
                "endpoints": len(endpoints), "jobs": len(jobs), "conditions": conditions}
     if models:   # what clients send for the base model; kept while no engine answers
         desired["model"] = ",".join(models)
@@ -164,6 +165,12 @@ async def pool_children(body: dict) -> None:
         kopf.adopt(manifest, owner=body)
         await kube.ensure(namespace, manifest, replace_spec=replace)
     _children[meta["uid"]] = meta.get("generation"), time.monotonic()
+
+
+@kopf.on.event(GROUP, VERSION, "coservingpools")
+def pool_seen(body: kopf.Body, **_) -> None:
+    """A spec change (`kubectl scale csp/x`, a new engine list) wakes the pool's loop at once."""
+    LOOPS.spec_seen("coservingpools", body)
 
 
 @kopf.on.delete(GROUP, VERSION, "coservingpools")
@@ -210,6 +217,7 @@ async def serve_endpoint(body: dict, pool: dict, view: PoolView,
     """The endpoint reconciled on its engines and routed: its Service URL when a Service can point at the
     engines, else the URL of an engine serving it (empty while none does)."""
     desired, events = await reconcile_endpoint(body, view, job_status)
+    desired["selector"] = kube.label_selector(pool_labels(pool))   # the pods an HPA's pod metrics average over
     gen = body["metadata"].get("generation")
     conditions = desired.get("conditions") or []
     try:

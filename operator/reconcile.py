@@ -82,7 +82,7 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
     if spec.get("adapter") and path is None:
         conditions = set_condition(conditions, "Ready", False, "WaitingForAdapter", waiting, generation)
         events.append(("Normal", "WaitingForAdapter", waiting))
-        return {"observedGeneration": generation, "conditions": conditions, "readyReplicas": 0,
+        return {"observedGeneration": generation, "conditions": conditions, "readyReplicas": 0, "replicas": 0,
                 "readyReplicasText": f"0/{replicas}", "model": name, "url": status.get("url") or ""}, events
     async with pool.lock():
         caps = await pool.capacities()
@@ -136,7 +136,8 @@ async def _reconcile_endpoint(body: dict, pool: PoolView, job_status: dict | Non
                    else f"{ready}/{replicas} replicas serving")
         conditions = set_condition(conditions, "Ready", False, reason, message, generation)
     out = {"observedGeneration": generation, "url": url, "model": name, "adapterPath": path or "",
-           "readyReplicas": ready, "readyReplicasText": f"{ready}/{replicas}", "placements": placements,
+           "replicas": len(placements), "readyReplicas": ready, "readyReplicasText": f"{ready}/{replicas}",
+           "placements": placements,
            "conditions": conditions}
     if "lastFailure" in status:
         out["lastFailure"] = status["lastFailure"]
@@ -264,9 +265,44 @@ def _iso(ts: float | None) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _start_step(progress: dict) -> int:
+    """The step this engine job began at: a resumed job names its checkpoint (`.../checkpoint-<step>`)."""
+    tail = str(progress.get("resumed_from") or "").rstrip("/").rsplit("checkpoint-", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 0
+
+
+def remaining_seconds(progress: dict, now: float) -> int | None:
+    """Time left at the pace of this engine job's own steps (the steps it ran since it started or resumed);
+    None before it has finished a step, or when it is not running."""
+    step, total = int(progress.get("step") or 0), int(progress.get("total_steps") or 0)
+    started = progress.get("started")
+    done = step - _start_step(progress)
+    if progress.get("state") != "running" or not started or done <= 0 or total <= 0:
+        return None
+    return max(0, round((now - started) / done * max(0, total - step)))
+
+
+def duration_text(seconds: int) -> str:
+    """`kubectl`'s way of writing a span: 45s, 3m20s, 2h5m, 3d4h."""
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60}s" if seconds % 60 else f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60}m" if seconds % 3600 // 60 else f"{seconds // 3600}h"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+
+
 def _progress_fields(progress: dict, status: dict, events: list[Event]) -> dict:
+    """Status fields from the engine's job progress, under Kubeflow Trainer's names (`progressPercentage`,
+    `estimatedRemainingSeconds`) and as the text of the PROGRESS, ETA and STEP columns."""
+    listed = [c for c in progress.get("checkpoints") or [] if isinstance(c, dict)]
     old = _merge_checkpoints(status.get("checkpoints") or [], [])
-    checkpoints = _merge_checkpoints(old, [c for c in progress.get("checkpoints") or [] if isinstance(c, dict)])
+    # one this engine job wrote and no longer lists was deleted by its retention (save_total_limit); earlier
+    # attempts' checkpoints stay
+    kept = {c.get("step") for c in listed}
+    checkpoints = _merge_checkpoints([c for c in old if c["step"] <= _start_step(progress) or c["step"] in kept],
+                                     listed)
     for c in checkpoints:
         if c["step"] not in {o["step"] for o in old}:
             events.append(("Normal", "CheckpointWritten", f"step {c['step']}: {c['path']}"))
@@ -275,16 +311,18 @@ def _progress_fields(progress: dict, status: dict, events: list[Event]) -> dict:
     metrics = [{"name": "loss", "value": f"{progress['loss']:.6g}" if progress.get("loss") is not None else ""},
                {"name": "tokensPerSecond", "value": f"{rate:.1f}"},
                {"name": "epoch", "value": str(progress.get("epoch", 0))}]
-    remaining = None
-    if step and progress.get("started") and progress.get("state") == "running":
-        per_step = (time.time() - progress["started"]) / step
-        remaining = int(per_step * (total - step))
-    out = {"progress": {"percentage": int(100 * step / total), "currentStep": step, "totalSteps": total,
+    percentage = min(100, int(100 * step / total))
+    remaining = remaining_seconds(progress, time.time())
+    if progress.get("state") == "succeeded":
+        remaining = 0
+    out = {"progress": {"progressPercentage": percentage, "currentStep": step, "totalSteps": total,
                         "epoch": progress.get("epoch", 0), "metrics": metrics, "lastUpdatedTime": now_iso()},
-           "stepText": f"{step}/{total}", "tokensPerSecond": round(rate, 1), "checkpoints": checkpoints,
+           "stepText": f"{step}/{total}", "progressText": f"{percentage}%", "etaText": "",
+           "tokensPerSecond": round(rate, 1), "checkpoints": checkpoints,
            "latestCheckpoint": checkpoints[-1]["path"] if checkpoints else ""}
     if remaining is not None:
         out["progress"]["estimatedRemainingSeconds"] = remaining
+        out["etaText"] = duration_text(remaining)
     if progress.get("loss") is not None:
         out["loss"] = round(progress["loss"], 6)
     return out
@@ -316,7 +354,7 @@ async def _reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]
             except (EngineUnavailable, EngineRejected) as exc:
                 events.append(("Warning", "SuspendUnclean", f"engine did not confirm the stop: {exc}"))
             events.append(("Normal", "Suspended", "job stopped after a checkpoint"))
-        out.update(phase="Suspended", placement=None, conditions=set_condition(
+        out.update(phase="Suspended", placement=None, etaText="", conditions=set_condition(
             conditions, "Progressing", False, "Suspended", "spec.suspend is true", generation))
         return out, events
     deadline = spec.get("activeDeadlineSeconds")
@@ -329,7 +367,7 @@ async def _reconcile_job(body: dict, pool: PoolView) -> tuple[dict, list[Event]]
             pass
         message = f"ran longer than activeDeadlineSeconds={deadline}; stopped after a checkpoint"
         events.append(("Warning", "DeadlineExceeded", message))
-        out.update(phase="Failed", placement=None, completionTime=now_iso(), conditions=set_condition(
+        out.update(phase="Failed", placement=None, completionTime=now_iso(), etaText="", conditions=set_condition(
             conditions, "Failed", True, "DeadlineExceeded", message, generation))
         return out, events
     if placement:

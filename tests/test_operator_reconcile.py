@@ -12,8 +12,8 @@ import pytest
 from coserve.operator.conditions import status_diff
 from coserve.operator.engine_client import EngineClient, EngineRejected
 from coserve.operator.handlers import serve_endpoint
-from coserve.operator.reconcile import (PoolView, reconcile_endpoint, reconcile_job, release_endpoint,
-                                        release_job)
+from coserve.operator.reconcile import (PoolView, duration_text, reconcile_endpoint, reconcile_job,
+                                        release_endpoint, release_job)
 from argocd_health import argocd_health
 from coserve_testlib import ADAPTERS, make_peft_adapter, write_task
 from server_proc import EngineProcess
@@ -79,7 +79,7 @@ def test_endpoint_is_placed_on_distinct_engines_and_is_idempotent(engines):
     pool = pool_of(engines)
     body = endpoint("chat", 2, {"path": "adapters/qv"})
     status, events = run(reconcile_endpoint(body, pool, None))
-    assert status["readyReplicas"] == 2 and status["readyReplicasText"] == "2/2"
+    assert status["readyReplicas"] == 2 and status["readyReplicasText"] == "2/2" and status["replicas"] == 2
     assert {p["engine"] for p in status["placements"]} == {"e0", "e1"}
     assert cond(status, "Ready")["status"] == "True" and status["url"].endswith("/v1")
     assert [e[1] for e in events].count("AdapterLoaded") == 2
@@ -92,7 +92,7 @@ def test_endpoint_is_placed_on_distinct_engines_and_is_idempotent(engines):
     body["metadata"]["generation"] = 2
     assert health(body, body["status"]) == "Progressing"   # the spec change is not reconciled yet
     scaled, events = run(reconcile_endpoint(body, pool, None))
-    assert scaled["readyReplicas"] == 1 and "ScaledDown" in [e[1] for e in events]
+    assert scaled["readyReplicas"] == 1 and scaled["replicas"] == 1 and "ScaledDown" in [e[1] for e in events]
     assert sum("chat" in adapters_on(p) for p in engines) == 1
     events, unreached = run(release_endpoint({**body, "status": scaled}, pool))
     assert unreached == [] and [e[1] for e in events] == ["Released"]
@@ -137,10 +137,13 @@ def test_job_trains_to_success_and_a_following_endpoint_hot_reloads(engines, dat
     waiting, _ = run(reconcile_endpoint(follower, pool, status))
     assert cond(waiting, "Ready")["reason"] in ("WaitingForAdapter", "AdapterLoaded")
     assert health(body, status) == "Progressing"
-    seen_paths, reloads = set(), 0
+    seen_paths, reloads, etas = set(), 0, []
     for _ in range(600):
         body["status"] = status
         status, events = run(reconcile_job(body, pool))
+        if status.get("phase") == "Running" and status["etaText"]:
+            etas.append((status["progress"]["estimatedRemainingSeconds"], status["etaText"]))
+            assert status["progressText"] == f"{status['progress']['progressPercentage']}%"
         if status.get("checkpoints"):
             follower_status, ev = run(reconcile_endpoint(follower, pool, {**body["status"], **status}))
             follower["status"] = follower_status
@@ -150,7 +153,12 @@ def test_job_trains_to_success_and_a_following_endpoint_hot_reloads(engines, dat
             break
         run(asyncio.sleep(0.05))
     assert status["phase"] == "Succeeded" and status["stepText"] == "48/48"
-    assert [c["step"] for c in status["checkpoints"]] == [8, 16, 24, 32, 40, 48]
+    assert status["progress"]["progressPercentage"] == 100 and status["progressText"] == "100%"
+    assert status["progress"]["estimatedRemainingSeconds"] == 0 and etas   # the ETA column showed while it ran
+    assert all(seconds >= 0 and text == duration_text(seconds) for seconds, text in etas)
+    # six written; the engine's retention (save_total_limit 5) deleted the first, and status follows it
+    assert [c["step"] for c in status["checkpoints"]] == [16, 24, 32, 40, 48]
+    assert not (data_root / "adapters/ns/teach/checkpoint-8").exists()
     assert status["latestCheckpoint"] == "adapters/ns/teach/checkpoint-48"
     assert cond(status, "Succeeded")["status"] == "True" and health(body, status) == "Healthy"
     assert len(seen_paths) >= 2 and reloads >= 1

@@ -12,7 +12,8 @@ import yaml
 from coserve.operator.conditions import set_condition, status_diff
 from coserve.operator.placement import pick_endpoint_engines, pick_job_engine, reserve
 from coserve.operator.pool import engine_urls, headless_service, statefulset, token_secret
-from coserve.operator.reconcile import endpoint_adapter_path, engine_job_body, engine_job_id
+from coserve.operator.reconcile import (duration_text, endpoint_adapter_path, engine_job_body, engine_job_id,
+                                        remaining_seconds)
 from coserve.operator.routing import endpoint_service, endpoint_slices, routable_ip
 from coserve.operator.settings import OperatorSettings
 from crd_schema import crd_schema, validate
@@ -33,11 +34,18 @@ def test_every_example_is_valid():
 
 def test_printer_columns_read_conditions_by_type_and_kinds_share_a_category():
     for kind in ("CoServingPool", "InferenceEndpoint", "FinetuneJob"):
-        crd = next(yaml.safe_load(p.read_text()) for p in (EXAMPLES.parent / "crds").glob("coserve.dev_*.yaml")
-                   if kind in p.read_text())
+        crd = next(c for p in (EXAMPLES.parent / "crds").glob("coserve.dev_*.yaml")
+                   if (c := yaml.safe_load(p.read_text()))["spec"]["names"]["kind"] == kind)
         assert crd["spec"]["names"]["categories"] == ["coserve"] and crd["spec"]["names"]["shortNames"]
         version = crd["spec"]["versions"][0]
-        assert version["subresources"] == {"status": {}}
+        scale = {"CoServingPool": ".spec.template.replicas", "InferenceEndpoint": ".spec.replicas"}.get(kind)
+        expected = {"status": {}}
+        if scale:   # kubectl scale and an HPA: replicas in spec, what runs and the pods' selector in status
+            expected["scale"] = {"specReplicasPath": scale, "statusReplicasPath": ".status.replicas",
+                                 "labelSelectorPath": ".status.selector"}
+            status_fields = crd_schema(kind)["properties"]["status"]["properties"]
+            assert status_fields["replicas"]["type"] == "integer" and status_fields["selector"]["type"] == "string"
+        assert version["subresources"] == expected
         for col in version["additionalPrinterColumns"]:
             assert "conditions[0]" not in col["jsonPath"]
         assert "conditions" in crd_schema(kind)["properties"]["status"]["properties"]
@@ -180,3 +188,15 @@ def test_each_operator_process_draws_its_own_peering_priority(monkeypatch):
     assert len({OperatorSettings().priority for _ in range(5)}) == 5
     monkeypatch.setenv("COSERVE_PRIORITY", "7")
     assert OperatorSettings().priority == 7
+
+
+def test_eta_comes_from_the_pace_of_the_steps_this_engine_job_ran():
+    running = {"state": "running", "step": 30, "total_steps": 100, "started": 1000.0}
+    assert remaining_seconds(running, 1060.0) == 140            # 2 s a step, 70 steps left
+    resumed = {**running, "resumed_from": "adapters/ns/job/checkpoint-20"}
+    assert remaining_seconds(resumed, 1060.0) == 420            # only 10 steps ran since the resume: 6 s a step
+    assert remaining_seconds({**resumed, "step": 20}, 1060.0) is None     # no step done yet in this attempt
+    assert remaining_seconds({**running, "state": "succeeded"}, 1060.0) is None
+    assert remaining_seconds({**running, "started": None}, 1060.0) is None
+    assert [duration_text(s) for s in (0, 45, 60, 200, 3600, 7500, 90000)] == \
+        ["0s", "45s", "1m", "3m20s", "1h", "2h5m", "1d1h"]
