@@ -63,15 +63,13 @@ def run_header(benchmark: str, device: str) -> dict:
 
 
 def write_model(out: Path, shape: dict, device: str) -> Path:
-    """A Hugging Face Llama directory with random weights drawn on the device (fast for 8B) and the project's
-    tokenizer (only its ids matter here)."""
+    """A sharded Hugging Face Llama directory, loadable by our engine and by transformers alike, with random weights
+    drawn on the device (fast for 8B) and the project's tokenizer (only its ids matter here)."""
     from safetensors.torch import save_file
 
     from coserve.engine.demo_model import TinyModelSpec, write_tiny_model
 
     spec = TinyModelSpec(**shape)
-    if shape["hidden_size"] <= 64:
-        return write_tiny_model(out, spec)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_model(out / "_tok", TinyModelSpec())
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -98,7 +96,7 @@ def write_model(out: Path, shape: dict, device: str) -> Path:
                        p + "mlp.up_proj.weight": (spec.intermediate_size, h),
                        p + "mlp.down_proj.weight": (h, spec.intermediate_size),
                        p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
-    shard, size, index = {}, 0, {}
+    shard, size, total, index = {}, 0, 0, {}
     names = list(shapes)
     for n, name in enumerate(names):
         dims = shapes[name]
@@ -109,8 +107,9 @@ def write_model(out: Path, shape: dict, device: str) -> Path:
             file = f"model-{len(set(index.values())):05d}.safetensors"
             save_file(shard, str(out / file), metadata={"format": "pt"})
             index.update({k: file for k in shard})
-            shard, size = {}, 0
-    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+            shard, total, size = {}, total + size, 0
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": index}))
     return out
 
 

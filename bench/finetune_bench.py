@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -56,8 +55,8 @@ class FinetuneBenchConfig:
     @classmethod
     def small(cls) -> "FinetuneBenchConfig":
         return cls(shape="small", seq_len=64, warmup_steps=1, steps=2, max_batched_tokens=256, kv_gib=0.02,
-                   tpot_ms=1000.0, streams=4, prompt_len=16, gen_min=4, gen_max=12, inference_seconds=0.3, coserve_seconds=0.5,
-                   coserve_rows=16)
+                   tpot_ms=1000.0, streams=4, prompt_len=16, gen_min=4, gen_max=12, inference_seconds=0.3,
+                   coserve_seconds=0.5, coserve_rows=16)
 
 
 def allocated() -> int:
