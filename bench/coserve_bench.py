@@ -17,30 +17,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def import_coserve() -> None:
-    """Use the installed package, or map the source folders when the machine has not installed it."""
-    try:
-        import coserve.engine  # noqa: F401
-    except ImportError:
-        import importlib.util
-        import types
-        pkg = types.ModuleType("coserve")
-        pkg.__path__ = []
-        sys.modules["coserve"] = pkg
-        for name in ("kernels", "engine"):
-            spec = importlib.util.spec_from_file_location(f"coserve.{name}", ROOT / name / "__init__.py",
-                                                          submodule_search_locations=[str(ROOT / name)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[f"coserve.{name}"] = module
-            spec.loader.exec_module(module)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import import_coserve, job_spec, sync  # noqa: E402
 
 
 def build_model(out: Path, small: bool) -> Path:
@@ -94,24 +72,11 @@ def bench_hf_inference(model_dir: Path, prompts: list[list[int]], max_tokens: in
     return {"tokens_per_s": len(prompts) * max_tokens / elapsed, "seconds": elapsed}
 
 
-def job_spec(data_root: Path, seq_len: int, steps: int, job_id: str, chunk_tokens: int):
-    from coserve.engine.finetune.spec import JobSpec
-    g = torch.Generator().manual_seed(0)
-    rows = [{"text": " ".join(str(int(x)) for x in torch.randint(0, 999, (seq_len,), generator=g))}
-            for _ in range(steps)]
-    (data_root / "bench.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return JobSpec.model_validate({"id": job_id, "dataset": {"path": "bench.jsonl", "format": "text"},
-                                   "output": f"out-{job_id}",
-                                   "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
-                                   "training": {"lr": 1e-4, "max_steps": steps, "max_seq_len": seq_len,
-                                                "chunk_tokens": chunk_tokens, "shuffle": False}})
-
-
 def bench_ours_finetune(engine, data_root: Path, seq_len: int, steps: int, job_id: str,
                         chunk_tokens: int) -> tuple[dict, list[list[int]]]:
     """Our finetuning alone, and the token ids it trained on (for the peer: a finished job drops them)."""
     from coserve.engine.finetune.manager import build_job
-    job = build_job(engine, job_spec(data_root, seq_len, steps, job_id, chunk_tokens))
+    job = build_job(engine, job_spec(data_root, seq_len, steps, job_id, chunk_tokens=chunk_tokens))
     trained = [list(s.ids) for s in job.sequences]
     engine.finetune.add(job)
     sync()
@@ -162,7 +127,7 @@ def bench_coserve(engine, data_root: Path, prompts, max_tokens: int, seq_len: in
                   chunk_tokens: int) -> dict:
     from coserve.engine.finetune.manager import build_job
     from coserve.engine.sampling import SamplingParams
-    job = build_job(engine, job_spec(data_root, seq_len, steps * 100, "cojob", chunk_tokens))
+    job = build_job(engine, job_spec(data_root, seq_len, steps * 100, "cojob", chunk_tokens=chunk_tokens))
     engine.finetune.add(job)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coserve_bench import import_coserve, sync  # noqa: E402
-from inference_bench import SHAPES, graph_replay_ms, make_engine, write_model  # noqa: E402
+from common import SHAPES, import_coserve, sync, write_model  # noqa: E402
+from inference_bench import graph_replay_ms, make_engine  # noqa: E402
 
 
 def main() -> None:

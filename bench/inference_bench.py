@@ -13,27 +13,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coserve_bench import import_coserve, sync  # noqa: E402
-
-SHAPES = {
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-               num_kv_heads=8, max_position_embeddings=8192),
-    "1p5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                 num_kv_heads=2, max_position_embeddings=8192, tie_word_embeddings=True),
-    "small": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                  num_kv_heads=2, max_position_embeddings=2048),
-}
+from common import SHAPES, import_coserve, kv_bytes_per_token, run_header, sync, write_model  # noqa: E402
 
 
 def ceilings(device: str) -> dict:
@@ -65,69 +54,12 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def write_model(out: Path, shape: dict, device: str) -> Path:
-    """A Hugging Face Llama directory with random weights drawn on the device (fast for 8B) and the project's
-    tokenizer (only its ids matter here)."""
-    from safetensors.torch import save_file
-
-    from coserve.engine.demo_model import TinyModelSpec, build_tokenizer, write_tiny_model
-
-    spec = TinyModelSpec(**shape)
-    if shape["hidden_size"] <= 64:
-        return write_tiny_model(out, spec)
-    out.mkdir(parents=True, exist_ok=True)
-    write_tiny_model(out / "_tok", TinyModelSpec())
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (out / "_tok" / f).exists():
-            (out / f).write_bytes((out / "_tok" / f).read_bytes())
-    h, hd = spec.hidden_size, spec.hidden_size // spec.num_heads
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": spec.vocab_size,
-           "hidden_size": h, "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
-           "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads, "head_dim": hd,
-           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": spec.max_position_embeddings,
-           "tie_word_embeddings": spec.tie_word_embeddings, "torch_dtype": "bfloat16", "bos_token_id": 1,
-           "eos_token_id": 2}
-    (out / "config.json").write_text(json.dumps(cfg))
-    shapes = {"model.embed_tokens.weight": (spec.vocab_size, h), "model.norm.weight": (h,)}
-    if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (spec.vocab_size, h)
-    for i in range(spec.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (spec.num_heads * hd, h),
-                       p + "self_attn.k_proj.weight": (spec.num_kv_heads * hd, h),
-                       p + "self_attn.v_proj.weight": (spec.num_kv_heads * hd, h),
-                       p + "self_attn.o_proj.weight": (h, spec.num_heads * hd),
-                       p + "mlp.gate_proj.weight": (spec.intermediate_size, h),
-                       p + "mlp.up_proj.weight": (spec.intermediate_size, h),
-                       p + "mlp.down_proj.weight": (h, spec.intermediate_size),
-                       p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
-    shard, size, index = {}, 0, {}
-    names = list(shapes)
-    for n, name in enumerate(names):
-        dims = shapes[name]
-        t = torch.ones(dims, device=device) if len(dims) == 1 else torch.randn(dims, device=device) * 0.02
-        shard[name] = t.to(torch.bfloat16).cpu()
-        size += shard[name].numel() * 2
-        if size > 4 << 30 or n == len(names) - 1:
-            file = f"model-{len(set(index.values())):05d}.safetensors"
-            save_file(shard, str(out / file), metadata={"format": "pt"})
-            index.update({k: file for k in shard})
-            shard, size = {}, 0
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    return out
-
-
 def weight_bytes(shape: dict) -> int:
     h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_layers"]
     hd = h // shape["num_heads"]
     per_layer = h * (shape["num_heads"] * hd) * 2 + h * shape["num_kv_heads"] * hd * 2 + 3 * h * i + 2 * h
     head = shape["vocab_size"] * h     # the lm_head is read every step; the embedding only at the rows used
     return 2 * (layers * per_layer + head + h)
-
-
-def kv_bytes_per_token(shape: dict) -> int:
-    hd = shape["hidden_size"] // shape["num_heads"]
-    return 2 * shape["num_layers"] * shape["num_kv_heads"] * hd * 2
 
 
 def make_engine(model_dir: Path, device: str, **kw):
@@ -304,17 +236,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     import_coserve()
-    import transformers
-    import triton
 
     device = "cpu" if args.small else "cuda"
     ceil = ceilings(device)
     shapes = ["small"] if args.small else args.shapes.split(",")
-    result = {"benchmark": "inference", "device": torch.cuda.get_device_name() if device == "cuda" else
-              platform.processor() or "cpu", "date": date.today().isoformat(),
-              "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                           "transformers": transformers.__version__, "python": platform.python_version()},
-              "ceilings": ceil, "shapes": {}}
+    result = {**run_header("inference", device), "ceilings": ceil, "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in shapes:
             full = name in ("8b", "small")
