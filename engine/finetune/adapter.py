@@ -36,6 +36,13 @@ class TrainAdapter:
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)   # PEFT's default init
             self.params[name] = (a.to(device).requires_grad_(), torch.zeros(out_f, spec.r, device=device,
                                                                             requires_grad=True))
+        self.by_layer: dict[int, list[torch.Tensor]] = {}
+        for name, ab in self.params.items():   # names are model.layers.<i>.<block>.<projection>
+            self.by_layer.setdefault(int(name.split(".")[2]), []).extend(ab)
+
+    def layer_parameters(self, layer: int) -> list[torch.Tensor]:
+        """The A and B tensors of one decoder layer's adapted projections."""
+        return self.by_layer.get(layer, [])
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for ab in self.params.values() for p in ab]

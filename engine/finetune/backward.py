@@ -42,6 +42,7 @@ class SequenceBackward:
     block_table: torch.Tensor
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     loss_scale: float                     # 1 / (targets in the optimizer step)
+    graphs: "UnitGraphs | None" = None    # CUDA graphs of layer units (CUDA fast path)
     layer: int = -1                       # -1: the head (loss) units; then num_layers-1 .. 0
     chunk: int = -1                       # index into chunks of the next unit
     grad_out: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -127,30 +128,128 @@ class SequenceBackward:
         self.grad_out.update(self._split(h.grad, ks))
 
     def _layer_unit(self, layer_idx: int, ks: range) -> None:
-        """Recompute layer `layer_idx` for the unit's chunks under autograd and send the gradients back: to the
-        layer input, to the LoRA parameters, and to the keys/values of earlier positions (the dK/dV sums)."""
-        model, cfg = self.model, self.model.cfg
-        layer = model.model.layers[layer_idx]
-        k_cache, v_cache = self.kv_caches[layer_idx]
+        """Recompute layer `layer_idx` for the unit's chunks and send the gradients back: to the layer input, to
+        the LoRA parameters, and to the keys/values of earlier positions (the dK/dV sums). Replayed from a CUDA
+        graph when the unit's shape has been seen (and no dropout applies)."""
         start, length, x = self._span(ks, layer_idx)
-        past_k, past_v = gather_kv(k_cache, v_cache, self.block_table, start)
-        past_k, past_v = past_k.requires_grad_(), past_v.requires_grad_()
-        own: dict[str, torch.Tensor] = {}
-
-        def attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            own["k"], own["v"] = key, value
-            keys, values = torch.cat([past_k.to(key.dtype), key]), torch.cat([past_v.to(value.dtype), value])
-            return causal_attention_sdpa(q, keys, values, cfg.head_dim ** -0.5, cfg.sliding_window)
-
-        positions = torch.arange(start, start + length, device=x.device)
-        dropout = self.chunks[ks.start].dropout if len(ks) == 1 else None
-        lora = LoRABatch.training(self.adapter, length, x.device, dropout)
-        out = stream(*layer(x, None, positions, model.cos_sin, lora, attend))
         span = slice(start, start + length)
         grad_out = torch.cat([self.grad_out[k] for k in ks])
-        torch.autograd.backward([out, own["k"], own["v"]], [grad_out.to(out.dtype), self.dk[span].to(own["k"].dtype),
-                                                            self.dv[span].to(own["v"].dtype)])
-        self.grad_in.update(self._split(x.grad, ks))
+        dropout = self.chunks[ks.start].dropout if len(ks) == 1 else None
+        params = self.adapter.layer_parameters(layer_idx)
+        inputs = LayerInputs(x, self.block_table, grad_out, self.dk[span], self.dv[span])
+        if self.graphs is not None and dropout is None:
+            grads = self.graphs.run(self, layer_idx, start, inputs, params)
+        else:
+            grads = layer_grads(self.model, layer_idx, self.kv_caches[layer_idx], self.adapter, start, inputs,
+                                params, dropout)
+        x_grad, past_k_grad, past_v_grad, param_grads = grads
+        self.grad_in.update(self._split(x_grad.clone() if self.graphs is not None else x_grad, ks))
         if start:
-            self.dk[:start] += past_k.grad
-            self.dv[:start] += past_v.grad
+            self.dk[:start] += past_k_grad
+            self.dv[:start] += past_v_grad
+        for p, g in zip(params, param_grads):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad += g
+
+
+@dataclass
+class LayerInputs:
+    """What a layer unit reads besides the weights and the KV cache."""
+
+    x: torch.Tensor             # the layer's saved input for the unit's tokens
+    block_table: torch.Tensor   # the sequence's KV blocks
+    grad_out: torch.Tensor      # dL/d(layer output)
+    dk: torch.Tensor            # dL/d(the unit's own keys), fp32, from later units
+    dv: torch.Tensor
+
+
+def layer_grads(model: CausalLM, layer_idx: int, kv_cache: tuple[torch.Tensor, torch.Tensor], adapter: TrainAdapter,
+                start: int, inputs: LayerInputs, params: list[torch.Tensor],
+                dropout: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One layer recomputed under autograd for tokens [start, start + len(x)), attending to the cached keys of
+    earlier positions as leaves: (dL/dx, dL/d past keys, dL/d past values, dL/d each of `params`). No host sync,
+    so it can be captured in a CUDA graph."""
+    cfg = model.cfg
+    x = inputs.x.detach().requires_grad_()
+    past_k, past_v = gather_kv(*kv_cache, inputs.block_table, start)
+    past_k, past_v = past_k.requires_grad_(), past_v.requires_grad_()
+    own: dict[str, torch.Tensor] = {}
+
+    def attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        own["k"], own["v"] = key, value
+        keys, values = torch.cat([past_k.to(key.dtype), key]), torch.cat([past_v.to(value.dtype), value])
+        return causal_attention_sdpa(q, keys, values, cfg.head_dim ** -0.5, cfg.sliding_window)
+
+    with torch.enable_grad():
+        positions = torch.arange(start, start + x.shape[0], device=x.device)
+        lora = LoRABatch.training(adapter, x.shape[0], x.device, dropout)
+        out = stream(*model.model.layers[layer_idx](x, None, positions, model.cos_sin, lora, attend))
+        grads = torch.autograd.grad([out, own["k"], own["v"]], [x, past_k, past_v, *params],
+                                    [inputs.grad_out.to(out.dtype), inputs.dk.to(own["k"].dtype),
+                                     inputs.dv.to(own["v"].dtype)], allow_unused=True)
+    params_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[3:], params)]
+    return grads[0], grads[1], grads[2], params_grads
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: LayerInputs
+    outputs: tuple
+
+
+class UnitGraphs:
+    """CUDA graphs of layer units, one per (layer, tokens, start, blocks) seen twice: a unit is hundreds of small kernels
+    whose launches, not their work, bound a unit's time. Inputs are copied into static buffers shared by the
+    graphs of a shape; outputs live in one memory pool and are consumed before the next replay."""
+
+    def __init__(self, max_graphs: int = 512):
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple[int, int, int, int], _Captured] = {}   # (layer, tokens, start, table length)
+        self.statics: dict[tuple[int, int, int], LayerInputs] = {}
+        self.seen: set[tuple[int, int, int, int]] = set()
+        self.pool = None
+
+    def run(self, bwd: "SequenceBackward", layer_idx: int, start: int, inputs: LayerInputs,
+            params: list[torch.Tensor]) -> tuple:
+        key = (layer_idx, inputs.x.shape[0], start, inputs.block_table.shape[0])
+        cached = self.graphs.get(key)
+        if cached is None:
+            if key not in self.seen or len(self.graphs) >= self.max_graphs:
+                self.seen.add(key)
+                return layer_grads(bwd.model, layer_idx, bwd.kv_caches[layer_idx], bwd.adapter, start, inputs, params)
+            cached = self._capture(bwd, layer_idx, start, inputs, params)
+        static = cached.inputs
+        for dst, src in ((static.x, inputs.x), (static.grad_out, inputs.grad_out), (static.dk, inputs.dk),
+                         (static.dv, inputs.dv)):
+            dst.copy_(src)
+        static.block_table.copy_(inputs.block_table)
+        cached.graph.replay()
+        return cached.outputs
+
+    def _capture(self, bwd: "SequenceBackward", layer_idx: int, start: int, inputs: LayerInputs,
+                 params: list[torch.Tensor]) -> _Captured:
+        shape = (inputs.x.shape[0], start, inputs.block_table.shape[0])
+        static = self.statics.get(shape)
+        if static is None:
+            static = LayerInputs(inputs.x.clone(), inputs.block_table.clone(), inputs.grad_out.clone(),
+                                 inputs.dk.clone(), inputs.dv.clone())
+            self.statics[shape] = static
+
+        def fn() -> tuple:
+            return layer_grads(bwd.model, layer_idx, bwd.kv_caches[layer_idx], bwd.adapter, start, static, params)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()                                     # warm-up outside the graph (workspace allocations)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = fn()
+        self.pool = graph.pool()
+        captured = _Captured(graph, static, outputs)
+        self.graphs[(layer_idx, inputs.x.shape[0], start, inputs.block_table.shape[0])] = captured
+        return captured

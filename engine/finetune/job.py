@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from coserve.engine.finetune.adapter import TrainAdapter
-from coserve.engine.finetune.backward import SavedChunk, SequenceBackward
+from coserve.engine.finetune.backward import SavedChunk, SequenceBackward, UnitGraphs
 from coserve.engine.finetune.checkpoint import Checkpoint, ResumeState, all_finite, retained, save_checkpoint
 from coserve.engine.finetune.dataset import Example, epoch_order
 from coserve.engine.finetune.dropout import ChunkDropout
@@ -94,6 +94,7 @@ class FinetuneJob:
         self.labels: list[int] = []
         self.saved: list[SavedChunk] = []
         self.backward: SequenceBackward | None = None
+        self.unit_graphs: UnitGraphs | None = None    # this job's layer units as CUDA graphs (its adapter's tensors)
         self.seq_in_step = 0
         self.step_loss = 0.0
         self.step_targets = 0
@@ -136,6 +137,9 @@ class FinetuneJob:
         elif self.init_modules is not None:
             self.adapter.load(self.init_modules)
         self.resume = self.init_modules = None
+        cfg = eng.config
+        self.unit_graphs = UnitGraphs() if cfg.use_fast_path and cfg.cuda_graphs and cfg.device.startswith("cuda") \
+            else None
         self.slot = eng.loras.reserve_training_slot()
         eng.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
         self.state, self.started = JobState.RUNNING, time.time()
@@ -150,7 +154,7 @@ class FinetuneJob:
         if self.seq is not None:
             self.engine.blocks.release(self.seq.request_id)
             self.seq = None
-        self.backward, self.saved = None, []
+        self.backward, self.saved, self.unit_graphs = None, [], None
         if self.slot is not None:
             self.engine.loras.release_training_slot(self.slot)
             self.slot = None
@@ -246,7 +250,8 @@ class FinetuneJob:
             table = torch.tensor(self.engine.blocks.tables[self.seq.request_id], dtype=torch.long,
                                  device=self.engine.kv_caches[0][0].device)
             self.backward = SequenceBackward(self.engine.model, self.adapter, self.saved, self.labels, table,
-                                             self.engine.kv_caches, 1.0 / max(1, self.step_targets))
+                                             self.engine.kv_caches, 1.0 / max(1, self.step_targets),
+                                             self.unit_graphs)
             self.saved = []
 
     def backward_unit_tokens(self, max_tokens: int) -> int:
