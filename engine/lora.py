@@ -213,15 +213,20 @@ class LoRARegistry:
         rank = max(a.shape[0] for a, _ in weights.values())
         if rank > self.rank:
             self._grow(rank)
-        with torch.no_grad():
-            for m in self.linears:
-                m.lora_a[slot].zero_()
-                m.lora_b[slot].zero_()
-                for i, (name, lo, hi) in enumerate(zip(m.names, m.offsets, m.offsets[1:])):
-                    if name in weights:
-                        a, b = weights[name]
-                        m.lora_a[slot, i, : a.shape[0]] = a.to(m.lora_a.dtype)
-                        m.lora_b[slot, lo:hi, : a.shape[0]] = (b.float() * scaling).to(m.lora_b.dtype)
+        zero, dst_a, src_a, dst_b, src_b = [], [], [], [], []
+        for m in self.linears:
+            zero += [m.lora_a[slot], m.lora_b[slot]]
+            for i, (name, lo, hi) in enumerate(zip(m.names, m.offsets, m.offsets[1:])):
+                if name in weights:
+                    a, b = weights[name]
+                    dst_a.append(m.lora_a[slot, i, : a.shape[0]])
+                    src_a.append(a)
+                    dst_b.append(m.lora_b[slot, lo:hi, : a.shape[0]])
+                    src_b.append(b.float())
+        with torch.no_grad():   # a few multi-tensor launches: a training job rewrites its slot every step
+            torch._foreach_zero_(zero)
+            torch._foreach_copy_(dst_a, src_a)
+            torch._foreach_copy_(dst_b, torch._foreach_mul(src_b, scaling))
 
     def reserve_training_slot(self) -> int:
         slot = self._free_slot()

@@ -26,11 +26,12 @@ def train(model_dir, data_root, graphs: bool, dtype: str) -> tuple[dict, int]:
         "training": {"optimizer": "adamw", "lr": 1e-2, "max_steps": 4, "shuffle": False, "seed": 1}})
     job = build_job(engine, spec)
     engine.finetune.add(job)
+    graphs = None
     while engine.has_work():
         engine.step()
+        graphs = graphs or job.unit_graphs
     assert job.state is JobState.SUCCEEDED, job.error
-    replays = len(job.unit_graphs.graphs) if job.unit_graphs else 0
-    return {k: v.detach().clone() for k, v in job.adapter.named_parameters().items()}, replays
+    return {k: v.detach().clone() for k, v in job.adapter.named_parameters().items()}, len(graphs.graphs) if graphs else 0
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
@@ -70,15 +71,20 @@ def test_bf16_gradients_on_the_gpu_match_peft_autograd(llama_dir, tmp_path):
     _, init = read_adapter(tmp_path / "init")
     _, final = read_adapter(tmp_path / "out" / "checkpoint-1")
     ours = torch.cat([(init[m][ab] - final[m][ab]).float().flatten() for m in sorted(init) for ab in "AB"])
-    base = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.bfloat16).cuda()
-    model = PeftModel.from_pretrained(base, str(tmp_path / "init"), is_trainable=True)
     x = torch.tensor([ids], device="cuda")
-    logits = model(x).logits[0].float()
-    torch.nn.functional.cross_entropy(logits[:-1], x[0, 1:]).backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
-            grads[f"{module}.{'A' if 'lora_A' in name else 'B'}"] = p.grad.float().cpu()
-    theirs = torch.cat([grads[f"{m}.{ab}"].flatten() for m in sorted(init) for ab in "AB"])
-    assert rel_err(ours.cpu(), theirs) <= 5e-2
+
+    def peft_grads(dtype: torch.dtype) -> torch.Tensor:
+        base = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=dtype).cuda()
+        model = PeftModel.from_pretrained(base, str(tmp_path / "init"), is_trainable=True)
+        logits = model(x).logits[0].float()
+        torch.nn.functional.cross_entropy(logits[:-1], x[0, 1:]).backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
+                grads[f"{module}.{'A' if 'lora_A' in name else 'B'}"] = p.grad.float().cpu()
+        return torch.cat([grads[f"{m}.{ab}"].flatten() for m in sorted(init) for ab in "AB"])
+
+    exact, peft_bf16 = peft_grads(torch.float32), peft_grads(torch.bfloat16)
+    bf16_noise = rel_err(peft_bf16, exact)
+    assert rel_err(ours.cpu(), exact) <= 1.5 * bf16_noise + 1e-2, f"PEFT's own bf16 error is {bf16_noise:.3g}"

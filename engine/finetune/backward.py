@@ -211,13 +211,14 @@ class UnitGraphs:
         self.statics: dict[tuple[int, int, int], LayerInputs] = {}
         self.seen: set[tuple[int, int, int, int]] = set()
         self.pool = None
+        self.capture_allowed = True   # capturing costs two units' time: never in an iteration serving inference
 
     def run(self, bwd: "SequenceBackward", layer_idx: int, start: int, inputs: LayerInputs,
             params: list[torch.Tensor]) -> tuple:
         key = (layer_idx, inputs.x.shape[0], start, inputs.block_table.shape[0])
         cached = self.graphs.get(key)
         if cached is None:
-            if key not in self.seen or len(self.graphs) >= self.max_graphs:
+            if key not in self.seen or len(self.graphs) >= self.max_graphs or not self.capture_allowed:
                 self.seen.add(key)
                 return layer_grads(bwd.model, layer_idx, bwd.kv_caches[layer_idx], bwd.adapter, start, inputs, params)
             cached = self._capture(bwd, layer_idx, start, inputs, params)

@@ -257,7 +257,10 @@ class FinetuneJob:
     def backward_unit_tokens(self, max_tokens: int) -> int:
         return 0 if self.backward is None else self.backward.next_unit_tokens(max_tokens)
 
-    def run_backward_unit(self, max_tokens: int) -> None:
+    def run_backward_unit(self, max_tokens: int, serving: bool = False) -> None:
+        """One backward unit; `serving`: inference shares this iteration, so no CUDA graph is captured now."""
+        if self.unit_graphs is not None:
+            self.unit_graphs.capture_allowed = not serving
         self.backward.run_unit(max_tokens)
         if self.backward.done:
             self.step_loss += self.backward.loss_sum

@@ -352,7 +352,7 @@ class FinetuneManager:
                 unit = cost.unit_s(size)
                 if unit > time_left and not (must_progress and ran == 0):
                     break
-                self._guard(job, lambda: job.run_backward_unit(room))
+                self._guard(job, lambda: job.run_backward_unit(room, serving=not must_progress))
                 time_left -= unit
                 ran += 1
                 tokens += size
