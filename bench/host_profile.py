@@ -1,7 +1,11 @@
-"""Where a decode step's host time goes: cProfile of engine.step() at batch 64 on the 1.5B shape (random
-weights), beside the step's wall time and its CUDA-graph replay time. Prints the top functions by own time.
+"""Where a decode step's host time goes: cProfile of engine.step() at batch 64, beside the step's wall time and
+(on a GPU) its CUDA-graph replay time. Prints the top functions by own time, and the step split into device work
+(the model's forward and the batched sampler: what the GPU runs) and host work (everything else).
 
-    python bench/host_profile.py [--batch 64] [--steps 60]
+    python bench/host_profile.py [--batch 64] [--steps 60] [--device cuda|cpu] [--shape 1p5b|small]
+
+On a CPU (`--device cpu --shape small`, the tiny model) nothing runs asynchronously, so the split shows the host
+work per step directly, and of it the part the engine overlaps with the next iteration's GPU work.
 """
 from __future__ import annotations
 
@@ -20,19 +24,35 @@ from coserve_bench import import_coserve, sync  # noqa: E402
 from inference_bench import SHAPES, graph_replay_ms, make_engine, write_model  # noqa: E402
 
 
+def code_key(fn) -> tuple[str, int, str]:
+    """A function's key in cProfile's statistics."""
+    code = fn.__code__
+    return code.co_filename, code.co_firstlineno, code.co_name
+
+
+def cumulative_ms(stats: pstats.Stats, functions: list, steps: int) -> float:
+    """Cumulative time per step spent in the given functions (none of them calls another)."""
+    return 1000 * sum(stats.stats[k][3] for k in map(code_key, functions) if k in stats.stats) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 1p5b on cuda, small on cpu")
+    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens of each request")
     args = parser.parse_args()
+    shape = args.shape or ("1p5b" if args.device == "cuda" else "small")
     import_coserve()
     from coserve.engine.sampling import SamplingParams
+    from coserve.kernels.sampling import sample_batch, sample_batch_fused
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine = make_engine(write_model(Path(tmp) / "m", SHAPES["1p5b"], "cuda"), "cuda")
+        engine = make_engine(write_model(Path(tmp) / "m", SHAPES[shape], args.device), args.device)
         params = SamplingParams(max_tokens=args.steps + 20, temperature=0, ignore_eos=True)
         for i in range(args.batch):
-            engine.add_request(f"r{i}", list(range(10, 266)), params)
+            engine.add_request(f"r{i}", list(range(10, 10 + args.prompt)), params)
         while engine.last_step.decode_tokens != args.batch:
             engine.step()
         for _ in range(5):
@@ -46,8 +66,18 @@ def main() -> None:
         profiler.disable()
         sync()
         wall = (time.perf_counter() - t0) / args.steps * 1000
-        print(f"step wall {wall:.2f} ms (under cProfile), graph replay {graph_replay_ms(engine, args.batch):.2f} ms")
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(profiler)
+        replay = graph_replay_ms(engine, args.batch)
+        # the device work: the model's forward and the batched sampler's tensor ops (what the GPU runs)
+        device = cumulative_ms(stats, [type(engine.model).forward, sample_batch, sample_batch_fused], args.steps)
+        # what the engine overlaps with the next iteration's forward (the previous iteration's outputs)
+        overlapped = cumulative_ms(stats, [type(engine)._emit], args.steps) if hasattr(engine, "_emit") else 0.0
+        print(f"{shape} on {args.device}, batch {args.batch}: step wall {wall:.2f} ms (under cProfile)"
+              + (f", graph replay {replay:.2f} ms" if replay is not None else ""))
+        if args.device == "cpu":
+            print(f"device work {device:.2f} ms, host work {wall - device:.2f} ms per step, "
+                  f"of which overlapped with the next forward {overlapped:.2f} ms, serial {wall - device - overlapped:.2f} ms")
+        stats.sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
