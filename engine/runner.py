@@ -101,20 +101,15 @@ class DecodeInputs:
         self.row_len = [0] * n
         self.arange = np.arange(n)
 
-    @staticmethod
-    def fits(chunks: list[Chunk], max_batch: int) -> bool:
-        return (0 < len(chunks) <= max_batch and
-                all(c.length == 1 and c.samples and c.dropout is None for c in chunks))
-
     def fill(self, chunks: list[Chunk], tables: dict[str, list[int]], padded: int) -> bool:
-        """Write the rows of `chunks` (rows up to `padded` are padding: no KV written, nothing attended) and send
-        them to the device; returns whether any row uses an adapter."""
+        """Write the rows of `chunks`, one sampling token each (rows up to `padded` are padding: no KV written,
+        nothing attended) and send them to the device; returns whether any row uses an adapter."""
         b, bsz = len(chunks), self.block_size
         ids, positions, lora = [], [], []
         row_table, row_len, h_tables = self.row_table, self.row_len, self.h_tables
         for i, c in enumerate(chunks):
             seq = c.seq
-            ids.append(seq.token(c.start))
+            ids.append((seq.output_ids or seq.prompt_ids)[-1])     # a sampling token is the sequence's last
             positions.append(c.start)
             lora.append(-1 if seq.adapter_slot is None else seq.adapter_slot)
             table = tables[seq.request_id]
@@ -252,7 +247,7 @@ class Runner:
         sampling = [c.seq for c in chunks if c.samples]
         kept: list[list[torch.Tensor]] = []
         cfg = self.model.cfg
-        if DecodeInputs.fits(chunks, self.decode.max_batch):
+        if len(sampling) == len(chunks) <= self.decode.max_batch and all(c.length == 1 for c in chunks):
             b = len(chunks)
             bs = self.graphs.padded(b) if self.graphs is not None else b
             with_lora = self.decode.fill(chunks, self.blocks.tables, bs)

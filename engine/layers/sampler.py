@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from coserve.engine.sequence import Sequence
@@ -51,12 +52,16 @@ class Sampler:
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         random_rows = [t >= GREEDY_BELOW and k != 1 for t, k in zip(temperature, top_k)]
-        f32 = torch.tensor([temperature, top_p], dtype=torch.float32, pin_memory=self.pin)
-        i64 = torch.tensor([top_k, [s.sample_seed for s in seqs], [len(s.output_ids) for s in seqs]],
-                           dtype=torch.int64, pin_memory=self.pin)
-        return SamplingInputs(f32.to(self.device, non_blocking=True), i64.to(self.device, non_blocking=True),
+        f32 = self._send(np.array([temperature, top_p], dtype=np.float32))
+        i64 = self._send(np.array([top_k, [s.sample_seed for s in seqs], [len(s.output_ids) for s in seqs]],
+                                  dtype=np.int64))
+        return SamplingInputs(f32, i64,
                               any(random_rows), any(k > 1 for k, r in zip(top_k, random_rows) if r),
                               any(p < 1.0 for p, r in zip(top_p, random_rows) if r))
+
+    def _send(self, values: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(values)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.pin else host
 
     def sample(self, logits: torch.Tensor, rows: SamplingInputs) -> SampledOnHost:
         """Token, logprob of the token, and `bad` for each row of `logits`, queued on the device."""
