@@ -268,7 +268,3 @@ class Runner:
                     kept.append([h[row:row + c.length] for h in batch.captured])
                     row += c.length
         return InFlight(sampling, self.sampler.sample(logits, params) if sampling else None, kept)
-
-    def run(self, chunks: list[Chunk]) -> StepResult:
-        """Run the iteration and wait for its tokens."""
-        return self.launch(chunks).result()

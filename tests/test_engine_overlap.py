@@ -8,6 +8,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from coserve_testlib import make_engine, write_task
 from coserve.engine.async_engine import AsyncEngine
@@ -17,11 +18,13 @@ from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.sampling import SamplingParams
 
 COST = CostModel(0.0, 1e-6, 0.0, 1e-6)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # on a GPU: pinned copies, events and CUDA graphs
 PROMPTS = ["Hello, world! How are", "One, two, three", "The quick brown fox", "Monday, Tuesday", "Question: what"]
 
 
 def engine_for(model_dir, overlap: bool, **kw):
-    return make_engine(model_dir, overlap_outputs=overlap, cost_model=COST, max_model_len=96, **kw)
+    return make_engine(model_dir, overlap_outputs=overlap, cost_model=COST, max_model_len=96, device=DEVICE,
+                       dtype="float32", **kw)
 
 
 @dataclass
@@ -183,7 +186,7 @@ def test_overlapped_outputs_equal_the_plain_engine_beside_finetuning(llama_dir, 
 def test_streams_through_the_async_engine_equal_the_plain_engine(llama_dir):
     """Deltas streamed while requests come and go equal the plain engine's; a lone request's last token comes
     out without waiting for another request."""
-    ids = [make_engine(llama_dir, cost_model=COST).tokenizer(p).input_ids for p in PROMPTS[:3]]
+    ids = [engine_for(llama_dir, overlap=False).tokenizer(p).input_ids for p in PROMPTS[:3]]
     params = [SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, stop=["e,"]),
               SamplingParams(max_tokens=10, temperature=0.8, seed=11, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
