@@ -200,6 +200,7 @@ class LLMEngine:
                 break
         seq.text = text
         finished = reason is not None
+        # Hold back anything that may still grow into a stop string.
         hold = 0 if finished else max([len(s) - 1 for s in p.stop] + [0])
         visible = len(text) - hold
         delta = text[seq.emitted_chars:max(visible, seq.emitted_chars)]
