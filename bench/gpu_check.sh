@@ -14,7 +14,8 @@ for pkg in engine kernels operator; do ln -sfn "$PWD/$pkg" "/tmp/site/coserve/$p
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 tests="${CHECKS:-tests/test_kernel_attention.py tests/test_kernel_lora.py tests/test_kernel_fused_ops.py \
-    tests/test_kernel_sampling.py tests/test_fast_path.py tests/test_unit_graphs.py tests/test_finetune_ops.py}"
+    tests/test_kernel_sampling.py tests/test_fast_path.py tests/test_unit_graphs.py tests/test_finetune_ops.py \
+    tests/test_engine_overlap.py}"
 if [ "$tests" != none ]; then
     python3 -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$out/kernels.log" | tail -15
 fi

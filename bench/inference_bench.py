@@ -101,10 +101,10 @@ def graph_replay_ms(engine, batch: int) -> float | None:
     graphs = engine.runner.graphs
     if graphs is None:
         return None
-    bs = next(s for s in graphs.sizes if s >= batch)
+    bs = graphs.padded(batch)
     if (bs, False) not in graphs.graphs:
         return None
-    graphs.slots.fill_(-1)
+    graphs.inputs.slots.fill_(-1)
     return 1000 * timed(graphs.graphs[(bs, False)][0].replay, 20)
 
 

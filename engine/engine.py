@@ -15,7 +15,7 @@ from coserve.engine.finetune.manager import FinetuneManager
 from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
 from coserve.engine.lora import LoRARegistry
 from coserve.engine.model.loader import DTYPES, load_model
-from coserve.engine.runner import Runner
+from coserve.engine.runner import Runner, StepResult
 from coserve.engine.sampling import SamplingParams
 from coserve.engine.scheduler import Scheduler
 from coserve.engine.sequence import RequestOutput, Sequence, Status
@@ -59,7 +59,8 @@ class LLMEngine:
         self.loras = LoRARegistry(self.model, config.max_loras, config.max_lora_rank)
         self.runner = Runner(self.model, self.kv_caches, self.blocks, self.loras, config.device,
                              config.cuda_graphs, config.max_num_seqs, self.max_model_len)
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, Sequence] = {}     # open requests: their last output is not emitted yet
+        self._pending: list[tuple[Sequence, str | None, bool]] = []   # sampled tokens whose text waits
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -101,22 +102,26 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
-        seq = self.requests.get(request_id)
-        if seq is not None:
-            self._finish(seq, "abort")
+        """End a request now; a finished one whose last output is still pending ends without it."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and seq.status is not Status.FINISHED:
+            self._release(seq, "abort")
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _release(self, seq: Sequence, reason: str) -> None:
+        """Finish the sequence in the scheduler: its blocks and adapter slot go back. It stays in `requests`
+        until its last output is emitted."""
         self.scheduler.finish(seq, reason)
-        self.requests.pop(seq.request_id, None)
         if seq.adapter_slot is not None:
             self.loras.release(seq.adapter_slot)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.finetune.has_work()
+        return self.scheduler.has_work() or self.finetune.has_work() or bool(self._pending)
 
     def step(self) -> list[RequestOutput]:
         """One iteration: inference chunks first, then the finetuning forward chunks and backward units that
-        fit in what the latency target leaves; returns a delta for every request that produced a token."""
+        fit in what the latency target leaves. Returns the deltas of the previous iteration's tokens, made while
+        this one runs on the device (with `overlap_outputs`; otherwise of this one's), and this one's when no
+        further inference iteration follows."""
         start = time.perf_counter()
         self.clock.start()
         steps, saves = self.finetune.counters()
@@ -130,19 +135,19 @@ class LLMEngine:
             ft_chunks = self.finetune.plan_forward(left, room, self.cost, bool(chunks))
         forward_tokens = inference_tokens + sum(c.length for c in ft_chunks)
         left = budget - (self.cost.forward_s(forward_tokens) if forward_tokens else 0.0)
-        outputs: list[RequestOutput] = []
-        if chunks or ft_chunks:
-            result = self.runner.run(chunks + ft_chunks)
-            for c in chunks:
-                c.seq.num_computed += c.length
-            for c, token, logprob, bad in zip([c for c in chunks if c.samples], result.tokens, result.logprobs,
-                                              result.bad):
-                outputs.append(self._fail(c.seq, "the model produced non-finite logits for this request") if bad
-                               else self._append_token(c.seq, token, logprob))
+        flight = self.runner.launch(chunks + ft_chunks) if chunks or ft_chunks else None
+        for c in chunks:
+            c.seq.num_computed += c.length
+        outputs = self._emit()
+        if flight is not None:
+            result = flight.result()
+            outputs += self._check_tokens(result)
             self.finetune.forward_done(ft_chunks, result.kept)
         units = unit_tokens = 0
         if self.finetune.has_work():
             units, unit_tokens = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
+        if not self.config.overlap_outputs or not self.scheduler.has_work():
+            outputs += self._emit()
         steps_after, saves_after = self.finetune.counters()
         work = Work(forward_tokens, units, unit_tokens, steps_after - steps, saves_after > saves)
         for done, seconds in self.clock.stop(work):
@@ -154,21 +159,46 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """End one request with an error; the rest of the batch goes on."""
-        self._finish(seq, "error")
+        self._release(seq, "error")
+        del self.requests[seq.request_id]
         return RequestOutput(seq.request_id, "", [], [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
                              error=message)
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
-        seq.output_ids.append(token)
-        seq.output_logprobs.append(logprob)
+    def _check_tokens(self, result: StepResult) -> list[RequestOutput]:
+        """Right after the sync, only what the next schedule depends on: append each token and end requests by
+        stop ids, eos, max_tokens or the context. Text, stop strings and outputs wait in `_pending`. A request a
+        stop string ended while this iteration ran (found one iteration late) drops its token."""
+        failed = []
+        eos, limit = self.eos_ids, self.max_model_len
+        for seq, token, logprob, bad in zip(result.seqs, result.tokens, result.logprobs, result.bad):
+            if seq.status is Status.FINISHED:
+                continue
+            if bad:
+                failed.append(self._fail(seq, "the model produced non-finite logits for this request"))
+                continue
+            out = seq.output_ids
+            out.append(token)
+            seq.output_logprobs.append(logprob)
+            p = seq.params
+            by_token = token in p.stop_token_ids or (not p.ignore_eos and token in eos)
+            reason = "stop" if by_token else (
+                "length" if len(out) >= p.max_tokens or len(seq.prompt_ids) + len(out) >= limit else None)
+            if reason is not None:
+                self._release(seq, reason)
+            self._pending.append((seq, reason, by_token))
+        return failed
+
+    def _emit(self) -> list[RequestOutput]:
+        """The text deltas of the pending tokens, for requests still open."""
+        pending, self._pending = self._pending, []
+        return [self._text_delta(seq, reason, by_token) for seq, reason, by_token in pending
+                if self.requests.get(seq.request_id) is seq]
+
+    def _text_delta(self, seq: Sequence, reason: str | None, by_token: bool) -> RequestOutput:
+        """Detokenize the request's newest token, cut at a stop string, and hold back what may still grow into
+        one; a stop string ends the request here."""
         p = seq.params
-        reason = None
-        stopped_by_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
-        if stopped_by_token:
-            reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        text_ids = seq.output_ids[:-1] if stopped_by_token else seq.output_ids
+        text_ids = seq.output_ids[:-1] if by_token else seq.output_ids
         text = seq.text + seq.detokenizer.step(text_ids, final=reason is not None)
         for s in p.stop:
             idx = text.find(s, max(0, len(seq.text) - len(s)))
@@ -186,7 +216,10 @@ class LLMEngine:
         new_lps = seq.output_logprobs[seq.emitted_tokens:]
         seq.emitted_tokens = len(seq.output_ids)
         if finished:
-            self._finish(seq, reason)
+            if seq.status is not Status.FINISHED:
+                self._release(seq, reason)
+            seq.finish_reason = reason
+            del self.requests[seq.request_id]
         return RequestOutput(seq.request_id, delta, new_ids, new_lps, finished, reason,
                              len(seq.prompt_ids), len(seq.output_ids))
 
@@ -200,6 +233,6 @@ class LLMEngine:
             rid = f"gen-{id(prompts)}-{i}"
             self.add_request(rid, ids, p, a)
             seqs.append(self.requests[rid])
-        while any(s.status is not Status.FINISHED for s in seqs):
+        while any(self.requests.get(s.request_id) is s for s in seqs):
             self.step()
         return seqs

@@ -88,6 +88,11 @@ class BlockManager:
         table.extend(self._new_block() for _ in range(self.blocks_needed(seq_id, num_tokens)))
         return table
 
+    def append_block(self, seq_id: str) -> None:
+        """One more block for a sequence (a decode token crossing into a new block); the caller checked that
+        one is free."""
+        self.tables[seq_id].append(self._new_block())
+
     def _take_prefix(self, seq_id: str, prefix: PrefixHit) -> None:
         if seq_id in self.tables:
             raise ValueError(f"{seq_id} already holds blocks; a cached prefix starts a new table")

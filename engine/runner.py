@@ -10,10 +10,11 @@ import torch
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.layers.attention import AttentionMetadata
 from coserve.engine.layers.lora_batch import DroppedGroup, LoRABatch
-from coserve.engine.layers.sampler import Sampler
+from coserve.engine.layers.sampler import SampledOnHost, Sampler
 from coserve.engine.lora import LoRARegistry
 from coserve.engine.model.llama import CausalLM, ForwardBatch
 from coserve.engine.scheduler import Chunk
+from coserve.engine.sequence import Sequence
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -75,54 +76,93 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
                         t(capture) if capture else None)
 
 
-class DecodeGraphs:
-    """CUDA graphs of decode iterations at padded batch sizes, over static input buffers: a replay costs one
-    launch instead of hundreds. Padding rows write no KV (slot -1) and attend to nothing (length 0)."""
+class DecodeInputs:
+    """The inputs of a decode-only iteration in persistent buffers: host rows written in place (numpy views of
+    pinned memory on a GPU) and sent in two copies; on a CPU the host buffers are the inputs. A row's block table
+    is rewritten only when another sequence takes the row or its table grew."""
 
-    def __init__(self, model: CausalLM, kv_caches: list, blocks: BlockManager, loras: LoRARegistry,
-                 max_batch: int, max_model_len: int):
-        self.model, self.kv_caches, self.blocks, self.loras = model, kv_caches, blocks, loras
+    def __init__(self, max_batch: int, max_model_len: int, block_size: int, device: str):
+        n, width = max_batch, -(-max_model_len // block_size)
+        self.max_batch, self.block_size = n, block_size
+        on_host = not device.startswith("cuda")
+        self.host64 = torch.zeros(3, n, dtype=torch.long, pin_memory=not on_host)     # ids, positions, slots
+        self.host32 = torch.zeros(2 * n + n * width, dtype=torch.int32, pin_memory=not on_host)  # lens, lora, tables
+        self.dev64 = self.host64 if on_host else self.host64.to(device)
+        self.dev32 = self.host32 if on_host else self.host32.to(device)
+        self.ids, self.positions, self.slots = self.dev64
+        self.seq_lens, self.token_lora = self.dev32[:n], self.dev32[n:2 * n]
+        self.tables = self.dev32[2 * n:].view(n, width)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.rows = torch.arange(n, dtype=torch.long, device=device)    # logits rows: static, as graphs need
+        h32 = self.host32.numpy()
+        self.h_ids, self.h_positions, self.h_slots = self.host64.numpy()
+        self.h_seq_lens, self.h_lora, self.h_tables = h32[:n], h32[n:2 * n], h32[2 * n:].reshape(n, width)
+        self.row_table: list[list[int] | None] = [None] * n     # the table each host row holds, and its length
+        self.row_len = [0] * n
+        self.arange = np.arange(n)
+
+    def fill(self, chunks: list[Chunk], tables: dict[str, list[int]], padded: int) -> bool:
+        """Write the rows of `chunks`, one sampling token each (rows up to `padded` are padding: no KV written,
+        nothing attended) and send them to the device; returns whether any row uses an adapter."""
+        b, bsz = len(chunks), self.block_size
+        ids, positions, lora = [], [], []
+        row_table, row_len, h_tables = self.row_table, self.row_len, self.h_tables
+        for i, c in enumerate(chunks):
+            seq = c.seq
+            ids.append((seq.output_ids or seq.prompt_ids)[-1])     # a sampling token is the sequence's last
+            positions.append(c.start)
+            lora.append(-1 if seq.adapter_slot is None else seq.adapter_slot)
+            table = tables[seq.request_id]
+            if row_table[i] is not table or row_len[i] != len(table):
+                h_tables[i, :len(table)] = table
+                row_table[i], row_len[i] = table, len(table)
+        self.h_ids[:b] = ids
+        pos = self.h_positions[:b]
+        pos[:] = positions
+        self.h_slots[:b] = h_tables[self.arange[:b], pos // bsz] * bsz + pos % bsz
+        self.h_seq_lens[:b] = pos + 1
+        self.h_lora[:b] = lora
+        self.h_slots[b:padded] = -1
+        self.h_seq_lens[b:padded] = 0
+        self.h_lora[b:padded] = -1
+        if self.dev64 is not self.host64:
+            n, width = self.max_batch, self.tables.shape[1]
+            self.dev64.copy_(self.host64, non_blocking=True)
+            self.dev32[:2 * n + padded * width].copy_(self.host32[:2 * n + padded * width], non_blocking=True)
+        return any(x >= 0 for x in lora)
+
+    def batch(self, bs: int, with_lora: bool, num_slots: int, kv_heads: int) -> ForwardBatch:
+        """The first `bs` rows as a forward batch (views of the buffers, as a captured graph needs)."""
+        attn = AttentionMetadata(self.slots[:bs], self.query_start[:bs + 1], self.seq_lens[:bs], self.tables[:bs],
+                                 1, self.tables.shape[1] * self.block_size, kv_splits(bs, kv_heads))
+        return ForwardBatch(self.ids[:bs], self.positions[:bs], attn,
+                            LoRABatch(self.token_lora[:bs], with_lora, num_slots), self.rows[:bs])
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode iterations at padded batch sizes, over the static buffers of `DecodeInputs`: a
+    replay costs one launch instead of hundreds. Padding rows write no KV (slot -1) and attend to nothing."""
+
+    def __init__(self, model: CausalLM, kv_caches: list, inputs: DecodeInputs, loras: LoRARegistry):
+        self.model, self.kv_caches, self.inputs, self.loras = model, kv_caches, inputs, loras
+        max_batch = inputs.max_batch
         self.sizes = [s for s in GRAPH_BATCH_SIZES if s < max_batch] + [max_batch]
-        self.max_model_len = max_model_len
-        dev = model.lm_head.weight.device
-        n, width = self.sizes[-1], -(-max_model_len // blocks.block_size)
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
-        self.token_lora = torch.full((n,), -1, dtype=torch.int32, device=dev)
-        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.rows = torch.arange(n, dtype=torch.long, device=dev)    # logits rows: static, as graphs need
-        self.host = {name: torch.zeros(buf.shape, dtype=buf.dtype, pin_memory=True) for name, buf in
-                     (("ids", self.ids), ("positions", self.positions), ("slots", self.slots),
-                      ("seq_lens", self.seq_lens), ("tables", self.tables), ("token_lora", self.token_lora))}
-        self.host_np = {name: buf.numpy() for name, buf in self.host.items()}   # cheap element writes
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.lora_version = loras.version
         self.pool = None
 
-    def fits(self, chunks: list[Chunk]) -> bool:
-        return (len(chunks) <= self.sizes[-1] and
-                all(c.length == 1 and not c.finetune and c.dropout is None for c in chunks))
-
-    def _batch(self, bs: int, with_lora: bool) -> ForwardBatch:
-        attn = AttentionMetadata(self.slots[:bs], self.query_start[:bs + 1], self.seq_lens[:bs], self.tables[:bs],
-                                 1, self.max_model_len, kv_splits(bs, self.model.cfg.num_kv_heads))
-        lora = LoRABatch(self.token_lora[:bs], with_lora, self.loras.max_loras)
-        return ForwardBatch(self.ids[:bs], self.positions[:bs], attn, lora, self.rows[:bs])
-
     @torch.no_grad()
     def _capture(self, bs: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        batch = self._batch(bs, with_lora)
+        inputs = self.inputs
+        batch = inputs.batch(bs, with_lora, self.loras.max_loras, self.model.cfg.num_kv_heads)
 
         def forward() -> torch.Tensor:
-            batch.lora = LoRABatch(self.token_lora[:bs], with_lora, self.loras.max_loras)   # regrouped per replay
+            batch.lora = LoRABatch(inputs.token_lora[:bs], with_lora, self.loras.max_loras)   # regrouped per replay
             return self.model(batch, self.kv_caches)
 
-        self.slots[:bs].fill_(-1)
-        self.seq_lens[:bs].zero_()
-        self.token_lora[:bs].fill_(-1)
+        inputs.slots[:bs].fill_(-1)
+        inputs.seq_lens[:bs].zero_()
+        inputs.token_lora[:bs].fill_(-1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -140,35 +180,20 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):
             self.graphs[(bs, False)] = self._capture(bs, False)
 
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Logits [len(chunks), V] of a decode-only iteration, by replaying the graph of the next size up."""
-        b = len(chunks)
-        bs = next(s for s in self.sizes if s >= b)
-        with_lora = any(c.seq.adapter_slot is not None for c in chunks)
+    def padded(self, batch: int) -> int:
+        return next(s for s in self.sizes if s >= batch)
+
+    def replay(self, b: int, bs: int, with_lora: bool) -> torch.Tensor:
+        """Logits [b, V] of the iteration whose inputs were just filled, from the graph of size `bs`; a graph
+        not captured yet is captured first (capturing resets the inputs, so they are sent again)."""
         if self.loras.version != self.lora_version:      # stacks reallocated: LoRA graphs hold stale pointers
             self.graphs = {k: v for k, v in self.graphs.items() if not k[1]}
             self.lora_version = self.loras.version
-        bsz = self.blocks.block_size
-        h = self.host_np
-        for i, c in enumerate(chunks):
-            table = self.blocks.tables[c.seq.request_id]
-            pos = c.start
-            h["ids"][i] = c.seq.token(pos)
-            h["positions"][i] = pos
-            h["slots"][i] = table[pos // bsz] * bsz + pos % bsz
-            h["seq_lens"][i] = pos + 1
-            h["token_lora"][i] = -1 if c.seq.adapter_slot is None else c.seq.adapter_slot
-            h["tables"][i, :len(table)] = table
-        h["slots"][b:bs] = -1
-        h["seq_lens"][b:bs] = 0
-        h["token_lora"][b:bs] = -1
-        h = self.host
-        for name in ("ids", "positions", "slots", "seq_lens", "token_lora", "tables"):
-            getattr(self, name)[:bs].copy_(h[name][:bs], non_blocking=True)
         key = (bs, with_lora)
         if key not in self.graphs:
             self.graphs[key] = self._capture(bs, with_lora)
-            return self.run(chunks)
+            self.inputs.dev64.copy_(self.inputs.host64, non_blocking=True)
+            self.inputs.dev32.copy_(self.inputs.host32, non_blocking=True)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:b]
@@ -176,13 +201,26 @@ class DecodeGraphs:
 
 @dataclass
 class StepResult:
-    """Per sampling chunk (in order): token, logprob and whether its logits were unusable; per finetuning chunk
-    its kept activations (each layer's input, then the final hidden state)."""
+    """Per sampling chunk (in order): its sequence, token, logprob and whether its logits were unusable; per
+    finetuning chunk its kept activations (each layer's input, then the final hidden state)."""
 
+    seqs: list[Sequence]
     tokens: list[int]
     logprobs: list[float]
     bad: list[bool]
     kept: list[list[torch.Tensor]]
+
+
+class InFlight:
+    """An iteration queued on the device; `result()` waits for its sampled tokens (one copy to the host)."""
+
+    def __init__(self, seqs: list[Sequence], sampled: SampledOnHost | None, kept: list[list[torch.Tensor]]):
+        self.seqs, self.sampled, self.kept = seqs, sampled, kept
+
+    def result(self) -> StepResult:
+        if self.sampled is None:
+            return StepResult([], [], [], [], self.kept)
+        return StepResult(self.seqs, *self.sampled.wait(), self.kept)
 
 
 class Runner:
@@ -194,7 +232,8 @@ class Runner:
         self.loras = loras
         self.device = device
         self.sampler = Sampler(device)
-        self.graphs = DecodeGraphs(model, kv_caches, blocks, loras, max_num_seqs, max_model_len) \
+        self.decode = DecodeInputs(max_num_seqs, max_model_len, blocks.block_size, device)
+        self.graphs = DecodeGraphs(model, kv_caches, self.decode, loras) \
             if cuda_graphs and device.startswith("cuda") else None
 
     def warmup(self) -> None:
@@ -202,21 +241,30 @@ class Runner:
             self.graphs.capture_all()
 
     @torch.no_grad()
-    def run(self, chunks: list[Chunk]) -> StepResult:
+    def launch(self, chunks: list[Chunk]) -> InFlight:
+        """Queue the iteration's forward and sampling without waiting for the device: a decode-only iteration
+        from the persistent inputs (a CUDA graph replay where there is one), any other eagerly."""
         sampling = [c.seq for c in chunks if c.samples]
         kept: list[list[torch.Tensor]] = []
-        if self.graphs is not None and self.graphs.fits(chunks):
-            logits = self.graphs.run(chunks)
+        cfg = self.model.cfg
+        if len(sampling) == len(chunks) <= self.decode.max_batch and all(c.length == 1 for c in chunks):
+            b = len(chunks)
+            bs = self.graphs.padded(b) if self.graphs is not None else b
+            with_lora = self.decode.fill(chunks, self.blocks.tables, bs)
+            params = self.sampler.prepare(sampling)
+            if self.graphs is not None:
+                logits = self.graphs.replay(b, bs, with_lora)
+            else:
+                logits = self.model(self.decode.batch(b, with_lora, self.loras.max_loras, cfg.num_kv_heads),
+                                    self.kv_caches)
         else:
             batch = build_batch(chunks, self.blocks, self.device, num_slots=self.loras.max_loras,
-                                kv_heads=self.model.cfg.num_kv_heads)
+                                kv_heads=cfg.num_kv_heads)
+            params = self.sampler.prepare(sampling) if sampling else None
             logits = self.model(batch, self.kv_caches)
             row = 0
             for c in chunks:
                 if c.finetune:
                     kept.append([h[row:row + c.length] for h in batch.captured])
                     row += c.length
-        if not sampling:
-            return StepResult([], [], [], kept)
-        tokens, logprobs, bad = self.sampler.sample(logits, sampling)
-        return StepResult(tokens, logprobs, bad, kept)
+        return InFlight(sampling, self.sampler.sample(logits, params) if sampling else None, kept)

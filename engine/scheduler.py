@@ -2,9 +2,14 @@
 When blocks run out the latest-arrived request is preempted: its blocks are freed and it is recomputed later.
 A request admitted from the queue starts after its longest cached prefix (see `BlockManager.lookup`); the
 blocks a request has filled are offered to the cache at the start of the next `schedule()` (the engine has
-advanced `num_computed` past tokens whose KV it wrote), and when it is preempted or finishes."""
+advanced `num_computed` past tokens whose KV it wrote), and when it is preempted or finishes.
+
+Steady decode (every running request has one token to compute, nobody waits, the blocks suffice) takes a
+cheap path: one pass over the running list, a new block only where a request crosses into one, and blocks
+offered to the cache as they fill."""
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +46,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []     # in order of arrival, the order they are batched in
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,7 +98,37 @@ class Scheduler:
         self.blocks.allocate(seq.request_id, seq.num_computed + length)
         return True
 
+    def _steady_decode(self) -> list[Chunk] | None:
+        """One decode token for every running request when all of them decode and their blocks fit; None when
+        the general path must plan (a prefill, a preemption ahead, the token budget)."""
+        running, bsz = self.running, self.blocks.block_size
+        if len(running) > self.max_batched_tokens:
+            return None
+        tables = self.blocks.tables
+        grow = []
+        for seq in running:
+            n = len(seq.prompt_ids) + len(seq.output_ids)
+            if n - seq.num_computed != 1:
+                return None
+            if n > len(tables[seq.request_id]) * bsz:
+                grow.append(seq.request_id)
+        if len(grow) > self.blocks.num_free:
+            return None
+        for rid in grow:
+            self.blocks.append_block(rid)
+        chunks = []
+        for seq in running:
+            pos = seq.num_computed
+            if pos % bsz == 0:      # it just filled a block
+                self._commit(seq)
+            chunks.append(Chunk(seq, pos, 1))
+        return chunks
+
     def schedule(self) -> list[Chunk]:
+        if not self.waiting and self.running:
+            steady = self._steady_decode()
+            if steady is not None:
+                return steady
         budget = self.max_batched_tokens
         chunks: list[Chunk] = []
         scheduled: set[str] = set()
@@ -102,7 +137,7 @@ class Scheduler:
             self._commit(seq)
         decodes = [s for s in self.running if s.num_uncomputed == 1]
         prefills = [s for s in self.running if s.num_uncomputed > 1]
-        for seq in sorted(decodes, key=lambda s: s.arrival) + sorted(prefills, key=lambda s: s.arrival):
+        for seq in decodes + prefills:
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:
@@ -125,7 +160,7 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.allocate(seq.request_id, start + length, hit)
             seq.status, seq.num_computed = Status.RUNNING, start
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
             chunks.append(Chunk(seq, start, length))
             scheduled.add(seq.request_id)
             budget -= length

@@ -33,7 +33,7 @@ class RequestOutput:
     error: str | None = None         # why the request failed (finish_reason "error"); the batch went on
 
 
-@dataclass
+@dataclass(eq=False)      # a request is itself: compared by identity, cheap in `running` and `waiting`
 class Sequence:
     request_id: str
     prompt_ids: list[int]

@@ -1,7 +1,11 @@
 """Samples every row of an iteration in one batched pass on the device (`kernels.sampling`), with one copy of
-the results to the host; a row whose logits are unusable is flagged so only its request fails."""
+the results to the host that the caller waits for only when it needs them; a row whose logits are unusable is
+flagged so only its request fails."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from coserve.engine.sequence import Sequence
@@ -9,26 +13,67 @@ from coserve.kernels import fused_ops
 from coserve.kernels.sampling import GREEDY_BELOW, sample_batch, sample_batch_fused
 
 
+@dataclass
+class SamplingInputs:
+    """The rows' settings on the device, and the host flags that let the sampler skip work no row needs."""
+
+    f32: torch.Tensor     # [2, B]: temperature, top_p
+    i64: torch.Tensor     # [3, B]: top_k, seed, step (tokens generated so far)
+    any_random: bool
+    any_top_k: bool
+    any_top_p: bool
+
+
+class SampledOnHost:
+    """The sampled tokens on their way to the host: `wait()` blocks until the copy (queued after the iteration's
+    work on the device) has landed."""
+
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None):
+        self.host, self.event = host, event
+
+    def wait(self) -> tuple[list[int], list[float], list[bool]]:
+        if self.event is not None:
+            self.event.synchronize()
+        tokens, logprobs, bad = self.host.tolist()
+        return list(map(int, tokens)), logprobs, list(map(bool, bad))
+
+
 class Sampler:
     def __init__(self, device: str):
         self.device = device
+        self.pin = device.startswith("cuda")
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float], list[bool]]:
-        """Token, logprob of the token, and `bad` for each row. Each row's randomness comes from its request's
-        seed and output position alone, so a seeded request draws the same whatever else is in the batch."""
+    def prepare(self, seqs: list[Sequence]) -> SamplingInputs:
+        """The rows' settings, sent from pinned memory so that the host never waits for the device here. Each
+        row's randomness comes from its request's seed and output position alone, so a seeded request draws the
+        same whatever else is in the batch."""
         params = [s.params for s in seqs]
         temperature = [p.temperature for p in params]
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         random_rows = [t >= GREEDY_BELOW and k != 1 for t, k in zip(temperature, top_k)]
-        dev = logits.device
-        f32 = torch.tensor([temperature, top_p], dtype=torch.float32).to(dev, non_blocking=True)
-        i64 = torch.tensor([top_k, [s.sample_seed for s in seqs], [len(s.output_ids) for s in seqs]],
-                           dtype=torch.int64).to(dev, non_blocking=True)
+        f32 = self._send(np.array([temperature, top_p], dtype=np.float32))
+        i64 = self._send(np.array([top_k, [s.sample_seed for s in seqs], [len(s.output_ids) for s in seqs]],
+                                  dtype=np.int64))
+        return SamplingInputs(f32, i64,
+                              any(random_rows), any(k > 1 for k, r in zip(top_k, random_rows) if r),
+                              any(p < 1.0 for p, r in zip(top_p, random_rows) if r))
+
+    def _send(self, values: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(values)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.pin else host
+
+    def sample(self, logits: torch.Tensor, rows: SamplingInputs) -> SampledOnHost:
+        """Token, logprob of the token, and `bad` for each row of `logits`, queued on the device."""
         fn = sample_batch_fused if logits.is_cuda and fused_ops.AVAILABLE else sample_batch
-        out = fn(logits, f32[0], i64[0], f32[1], i64[1], i64[2], any_random=any(random_rows),
-                           any_top_k=any(k > 1 for k, r in zip(top_k, random_rows) if r),
-                           any_top_p=any(p < 1.0 for p, r in zip(top_p, random_rows) if r))
-        host = torch.stack([out.tokens.double(), out.logprobs.double(), out.bad.double()]).cpu()
-        tokens, logprobs, bad = host.tolist()
-        return [int(t) for t in tokens], logprobs, [b != 0 for b in bad]
+        f32, i64 = rows.f32, rows.i64
+        out = fn(logits, f32[0], i64[0], f32[1], i64[1], i64[2], any_random=rows.any_random,
+                 any_top_k=rows.any_top_k, any_top_p=rows.any_top_p)
+        stacked = torch.stack([out.tokens.double(), out.logprobs.double(), out.bad.double()])
+        if not stacked.is_cuda:
+            return SampledOnHost(stacked, None)
+        host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return SampledOnHost(host, event)
