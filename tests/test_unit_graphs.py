@@ -87,4 +87,4 @@ def test_bf16_gradients_on_the_gpu_match_peft_autograd(llama_dir, tmp_path):
 
     exact, peft_bf16 = peft_grads(torch.float32), peft_grads(torch.bfloat16)
     bf16_noise = rel_err(peft_bf16, exact)
-    assert rel_err(ours.cpu(), exact) <= 1.5 * bf16_noise + 1e-2, f"PEFT's own bf16 error is {bf16_noise:.3g}"
+    assert rel_err(ours.cpu(), exact) <= 2 * bf16_noise + 1e-2, f"PEFT's own bf16 error is {bf16_noise:.3g}"
