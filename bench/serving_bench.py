@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
-import dataclasses
 import random
 import shutil
 import signal
@@ -56,6 +56,7 @@ class Settings:
     engine_tpot_ms: float
     chunk_tokens: int
     engine_args: list[str]
+    time_budget_s: float | None   # windows and modes that would end past it are skipped (and listed)
     workload: Workload = field(default_factory=Workload)
 
 
@@ -86,9 +87,11 @@ class Record:
 
     @property
     def tpot(self) -> float | None:
+        """Seconds per output token after the first, as serving benchmarks define it (0 for one token)."""
         if self.first is None or self.last is None:
             return None
-        return (self.last - self.first) / (self.chunks - 1) if self.chunks > 1 else 0.0
+        tokens = self.completion_tokens if self.done else self.chunks
+        return (self.last - self.first) / (tokens - 1) if tokens > 1 else 0.0
 
     def meets(self, slo_ttft: float, slo_tpot: float) -> bool:
         return self.done and self.ttft <= slo_ttft and self.tpot <= slo_tpot
@@ -237,7 +240,8 @@ class JobSampler:
 
 # ---- the client ----------------------------------------------------------------------------------------------
 async def send(client, req: Request, rec: Record, inflight: list[int]) -> None:
-    """One streamed completion; every chunk with a choice carries one token."""
+    """One streamed completion: its first token at the first chunk with a choice, its token count from the
+    closing usage chunk."""
     import openai
 
     inflight[0] += 1
@@ -292,15 +296,18 @@ class ModeRun:
 
 
 def job_spec(settings: Settings, label: str, max_seq_len: int) -> dict:
-    return {"id": f"{JOB_PREFIX}-{label}", "dataset": {"path": "ft/data.jsonl", "format": "text"}, "output": f"ft/{label}",
+    """A job that outlasts the run (it is cancelled at the end of the mode), one sequence per optimizer step."""
+    return {"id": f"{JOB_PREFIX}-{label}", "dataset": {"path": "ft/data.jsonl", "format": "text"},
+            "output": f"ft/{label}",
             "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
             "training": {"lr": 1e-4, "epochs": 100000, "max_steps": 10**8, "sequences_per_step": 1,
                          "max_seq_len": max_seq_len, "chunk_tokens": settings.chunk_tokens, "seed": 0}}
 
 
 async def measure_mode(engine: Engine, run: ModeRun, settings: Settings, gpu: GpuSampler, vocab: int,
-                       max_context: int, save) -> None:
-    """Warm the engine, start the job, then one window per (trace, rate); `save` is called after each point."""
+                       max_context: int, save, deadline: float) -> None:
+    """Warm the engine, start the job, then one window per (trace, rate) that fits before `deadline`; `save` is
+    called after each point."""
     import openai
 
     mode = run.label.split("-")[0] if run.label.startswith("temporal-") else run.label
@@ -335,6 +342,9 @@ async def measure_mode(engine: Engine, run: ModeRun, settings: Settings, gpu: Gp
                 save()
                 return
             for trace, rate in [("poisson", r) for r in settings.rates] + [("gamma", r) for r in settings.gamma_rates]:
+                if time.perf_counter() + settings.duration_s + settings.drain_s > deadline:
+                    run.notes.setdefault("skipped_for_time", []).append([trace, rate])
+                    continue
                 reqs = requests(settings.workload, trace, rate, settings.duration_s, vocab, max_context)
                 run.points.append(await window(run, sampler, gpu, client, settings, trace, rate, reqs, inflight,
                                                settings.duration_s))
@@ -419,7 +429,8 @@ def summarize(points: list[dict], slo_target: float = 0.99) -> tuple[dict, dict]
                                       "finetune_tokens_per_s": best["finetune_tokens_per_s"],
                                       "at_equal_or_better_slo": bool(fair)}
         if best["finetune_tokens_per_s"] > 0:
-            summary["coserve_over_temporal_ft_at_max_rate"] = co["finetune_tokens_per_s"] / best["finetune_tokens_per_s"]
+            summary["coserve_over_temporal_ft_at_max_rate"] = (co["finetune_tokens_per_s"]
+                                                               / best["finetune_tokens_per_s"])
         else:
             notes["temporal_compared"]["why_no_ratio"] = "the temporal run made no finetuning progress"
     half = min(coserve, key=lambda r: (abs(r - max_rate / 2), r))
@@ -466,6 +477,8 @@ def run(settings: Settings, out: Path | None, workdir: Path) -> dict:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
+    deadline = started + (settings.time_budget_s or float("inf")) - 15   # the plots and the last save
+
     model = build_model(workdir, settings.smoke)
     print(f"model ready at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     config = json.loads((model / "config.json").read_text())
@@ -475,7 +488,7 @@ def run(settings: Settings, out: Path | None, workdir: Path) -> dict:
     result = {"benchmark": "serving", "device": device_name(), "date": date.today().isoformat(),
               "versions": versions(), "settings": {k: v for k, v in vars(settings).items() if k != "workload"},
               "workload": {**settings.workload.to_dict(), "finetune_lengths": lengths}, "points": [], "runs": {},
-              "errors": {}, "summary": {}}
+              "errors": {}, "skipped_modes": [], "summary": {}}
     gpu = GpuSampler()
 
     def save() -> None:
@@ -488,15 +501,19 @@ def run(settings: Settings, out: Path | None, workdir: Path) -> dict:
 
     runs: list[ModeRun] = []
     for label in settings.modes:
+        if time.perf_counter() + 2 * (settings.duration_s + settings.drain_s) > deadline:
+            result["skipped_modes"].append(label)
+            continue
         mode_run = ModeRun(label)
         runs.append(mode_run)
         data_root = workdir / "data"
         t_start = time.perf_counter()
         engine = Engine(model, data_root, label, settings, workdir / f"engine-{label}.log")
         try:
-            engine.wait_ready(600)
+            engine.wait_ready(min(600.0, deadline - time.perf_counter()))
             mode_run.notes["engine_start_s"] = round(time.perf_counter() - t_start, 1)
-            asyncio.run(measure_mode(engine, mode_run, settings, gpu, config["vocab_size"], max_context, save))
+            asyncio.run(measure_mode(engine, mode_run, settings, gpu, config["vocab_size"], max_context, save,
+                                     deadline))
         except Exception as exc:    # one mode's failure is recorded; the others still run
             result["errors"][label] = f"{type(exc).__name__}: {exc}\n{engine.tail()}"
             print(f"{label} failed: {exc}", file=sys.stderr, flush=True)
@@ -508,11 +525,16 @@ def run(settings: Settings, out: Path | None, workdir: Path) -> dict:
         print(f"{label} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     gpu.close()
     if out is not None:
-        from serving_plots import plot_sweep, plot_timeline
-        result["plots"] = [str(plot_sweep(result, out.with_name(out.stem + "-sweep.png"))),
-                           str(plot_timeline(result, out.with_name(out.stem + "-timeline.png")))]
+        result["plots"] = plot(result, out)
         save()
     return result
+
+
+def plot(result: dict, out: Path) -> list[str]:
+    """Both PNGs beside the JSON: <stem>-sweep.png and <stem>-timeline.png."""
+    from serving_plots import plot_sweep, plot_timeline
+    return [str(plot_sweep(result, out.with_name(out.stem + "-sweep.png"))),
+            str(plot_timeline(result, out.with_name(out.stem + "-timeline.png")))]
 
 
 def floats(text: str) -> list[float]:
@@ -540,6 +562,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--chunk-tokens", type=int, help="the job's forward chunk / backward unit size (default 256)")
     p.add_argument("--gamma-cv", type=float, help="coefficient of variation of the Gamma trace (default 3)")
     p.add_argument("--engine-arg", action="append", default=[], help="extra `coserve serve` argument (repeatable)")
+    p.add_argument("--time-budget", type=float, help="seconds the whole run may take; windows and modes that "
+                                                     "would end later are skipped and listed (default 540; none "
+                                                     "with --smoke)")
+    p.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plots of a saved result")
     a = p.parse_args(argv)
     smoke = a.smoke
     intervals = a.temporal_intervals or ("4" if smoke else "64,128,512")
@@ -556,7 +582,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         duration_s=a.duration or (1.5 if smoke else 8.0), drain_s=a.drain or (3.0 if smoke else 6.0),
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
         engine_tpot_ms=a.engine_tpot_ms or 800 * tpot, chunk_tokens=a.chunk_tokens or (16 if smoke else 256),
-        engine_args=engine_args, workload=workload)
+        engine_args=engine_args, workload=workload,
+        time_budget_s=a.time_budget if a.time_budget is not None else (None if smoke else 540.0))
     return settings, a
 
 
@@ -570,6 +597,9 @@ def scratch_parent(smoke: bool) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     settings, a = parse_args(argv)
+    if a.replot:
+        print("\n".join(plot(json.loads(a.replot.read_text()), a.replot)))
+        return
     with tempfile.TemporaryDirectory(prefix="serving-bench-", dir=None if a.workdir else
                                      scratch_parent(settings.smoke)) as tmp:
         workdir = a.workdir or Path(tmp)

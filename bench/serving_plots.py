@@ -86,8 +86,8 @@ def plot_timeline(result: dict, path: Path, label: str = "coserve") -> Path:
     for trace, rate, t0, t1 in run["windows"]:
         for ax in axes:
             ax.axvspan(t0, t1, color="tab:orange" if trace == "gamma" else "tab:grey", alpha=0.08)
-        axes[0].annotate(f"{rate:g}/s" + (" G" if trace == "gamma" else ""), (t0, 1), xycoords=("data", "axes fraction"),
-                         fontsize=7, va="top")
+        axes[0].annotate(f"{rate:g}/s" + (" G" if trace == "gamma" else ""), (t0, 1),
+                         xycoords=("data", "axes fraction"), fontsize=7, va="top")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run['label']}: one run ({result['device']}, {result['date']})")
