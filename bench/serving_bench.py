@@ -50,7 +50,7 @@ class Settings:
     rates: list[float]
     gamma_rates: list[float]
     duration_s: float
-    drain_s: float
+    drain_cap_s: float            # after a trace's last window, anything still running is cancelled
     ttft_slo_s: float
     tpot_slo_s: float
     engine_tpot_ms: float
@@ -62,20 +62,23 @@ class Settings:
 
 @dataclass
 class Record:
-    """One request as the client saw it (times from time.perf_counter)."""
+    """One request as the client saw it (times from time.perf_counter). A request is cancelled the moment it can
+    no longer meet the SLO; its TTFT and TPOT are then lower bounds, taken at that moment."""
 
     trace: str
     rate: float
     arrival_s: float
     prompt_tokens: int
     max_tokens: int
-    sent: float = 0.0
+    sent: float | None = None
     first: float | None = None
     last: float | None = None
+    end: float | None = None
     chunks: int = 0
     completion_tokens: int | None = None
     status: int | None = None
     error: str | None = None
+    missed: bool = False          # cancelled as a certain SLO miss
 
     @property
     def done(self) -> bool:
@@ -83,15 +86,17 @@ class Record:
 
     @property
     def ttft(self) -> float | None:
-        return None if self.first is None else self.first - self.sent
+        if self.first is not None:
+            return self.first - self.sent
+        return self.end - self.sent if self.missed else None
 
     @property
     def tpot(self) -> float | None:
         """Seconds per output token after the first, as serving benchmarks define it (0 for one token)."""
-        if self.first is None or self.last is None:
+        if self.first is None or not (self.done or self.missed):
             return None
-        tokens = self.completion_tokens if self.done else self.chunks
-        return (self.last - self.first) / (tokens - 1) if tokens > 1 else 0.0
+        last, tokens = (self.last, self.completion_tokens) if self.done else (self.end, self.max_tokens)
+        return (last - self.first) / (tokens - 1) if tokens > 1 else 0.0
 
     def meets(self, slo_ttft: float, slo_tpot: float) -> bool:
         return self.done and self.ttft <= slo_ttft and self.tpot <= slo_tpot
@@ -99,11 +104,11 @@ class Record:
     def row(self, origin: float) -> list:
         return [self.trace, self.rate, round(self.arrival_s, 4), self.prompt_tokens, self.max_tokens,
                 _round(self.ttft), _round(self.tpot), self.completion_tokens if self.done else self.chunks,
-                self.done, _round(self.last - origin if self.last is not None else None), self.status]
+                self.done, self.missed, _round(self.last - origin if self.last is not None else None), self.status]
 
 
 RECORD_COLUMNS = ["trace", "rate", "arrival_s", "prompt_tokens", "max_tokens", "ttft_s", "tpot_s", "tokens",
-                  "finished", "last_token_s", "status"]
+                  "finished", "cancelled_as_miss", "last_token_s", "status"]
 
 
 def _round(x: float | None, digits: int = 5) -> float | None:
@@ -205,11 +210,23 @@ class Sample:
     ft_step: int
 
 
+@dataclass
+class Client:
+    """The `openai` client, the SLO it gives up at, and what it has in flight and received."""
+
+    api: object
+    ttft_slo_s: float
+    tpot_slo_s: float
+    model: str = "bench"
+    inflight: int = 0
+    tokens: int = 0
+
+
 class JobSampler:
     """Polls the finetuning job every 200 ms (tokens, step) beside the client's in-flight count."""
 
-    def __init__(self, http: httpx.AsyncClient, job_id: str, inflight: list[int]):
-        self.http, self.job_id, self.inflight = http, job_id, inflight
+    def __init__(self, http: httpx.AsyncClient, job_id: str, client: Client):
+        self.http, self.job_id, self.client = http, job_id, client
         self.samples: list[Sample] = []
         self.task: asyncio.Task | None = None
 
@@ -220,7 +237,7 @@ class JobSampler:
                 job = r.json() if r.status_code == 200 else {}
             except httpx.HTTPError:
                 job = {}
-            self.samples.append(Sample(time.perf_counter(), self.inflight[0], job.get("tokens", 0),
+            self.samples.append(Sample(time.perf_counter(), self.client.inflight, job.get("tokens", 0),
                                        job.get("step", 0)))
             await asyncio.sleep(0.2)
 
@@ -239,23 +256,39 @@ class JobSampler:
 
 
 # ---- the client ----------------------------------------------------------------------------------------------
-async def send(client, req: Request, rec: Record, inflight: list[int]) -> None:
+GRACE_S = 0.1   # past the SLO before a request is given up, so borderline ones are judged by what was measured
+
+
+async def send(client: Client, req: Request, rec: Record) -> None:
     """One streamed completion: its first token at the first chunk with a choice, its token count from the
-    closing usage chunk."""
+    closing usage chunk. It is cancelled once it certainly misses the SLO: no first token `ttft_slo` after it
+    was sent, or decode time already past (max_tokens - 1) x `tpot_slo`."""
     import openai
 
-    inflight[0] += 1
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def give_up() -> None:
+        rec.missed = True
+        task.cancel()
+
+    client.inflight += 1
     rec.sent = time.perf_counter()
+    watchdog = loop.call_later(client.ttft_slo_s + GRACE_S, give_up)
     try:
-        stream = await client.completions.create(
-            model="bench", prompt=req.prompt_ids, max_tokens=req.max_tokens, temperature=0.0, stream=True,
+        stream = await client.api.completions.create(
+            model=client.model, prompt=req.prompt_ids, max_tokens=req.max_tokens, temperature=0.0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices:
-                rec.first = rec.first or now
+                if rec.first is None:
+                    rec.first = now
+                    watchdog.cancel()
+                    watchdog = loop.call_later((req.max_tokens - 1) * client.tpot_slo_s + GRACE_S, give_up)
                 rec.last = now
                 rec.chunks += 1
+                client.tokens += 1
             if chunk.usage is not None:
                 rec.completion_tokens = chunk.usage.completion_tokens
         rec.status = 200
@@ -264,10 +297,13 @@ async def send(client, req: Request, rec: Record, inflight: list[int]) -> None:
     except openai.APIError as exc:
         rec.error = f"{type(exc).__name__}: {str(exc)[:200]}"
     except asyncio.CancelledError:
-        rec.error = "unfinished at the end of the drain"
-        raise
+        rec.error = "cancelled: certain SLO miss" if rec.missed else "cancelled: still running at the drain cap"
+        if not rec.missed:
+            raise
     finally:
-        inflight[0] -= 1
+        watchdog.cancel()
+        rec.end = time.perf_counter()
+        client.inflight -= 1
 
 
 async def at(when: float, coro) -> None:
@@ -304,16 +340,29 @@ def job_spec(settings: Settings, label: str, max_seq_len: int) -> dict:
                          "max_seq_len": max_seq_len, "chunk_tokens": settings.chunk_tokens, "seed": 0}}
 
 
+@dataclass
+class Window:
+    """One rate's arrival period [t0, t1) and its requests (they may finish after t1)."""
+
+    trace: str
+    rate: float
+    t0: float
+    t1: float
+    records: list[Record]
+    tokens0: int
+    tokens1: int
+
+
 async def measure_mode(engine: Engine, run: ModeRun, settings: Settings, gpu: GpuSampler, vocab: int,
                        max_context: int, save, deadline: float) -> None:
-    """Warm the engine, start the job, then one window per (trace, rate) that fits before `deadline`; `save` is
-    called after each point."""
+    """Start the job, warm the engine, then replay each trace's rates (those that fit before `deadline`);
+    `save` is called after each trace."""
     import openai
 
     mode = run.label.split("-")[0] if run.label.startswith("temporal-") else run.label
-    client = openai.AsyncOpenAI(base_url=engine.url + "/v1", api_key="none", max_retries=0, timeout=600)
+    api = openai.AsyncOpenAI(base_url=engine.url + "/v1", api_key="none", max_retries=0, timeout=600)
+    client = Client(api, settings.ttft_slo_s, settings.tpot_slo_s)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    inflight = [0]
     async with httpx.AsyncClient(base_url=engine.url, headers=headers, timeout=60) as http:
         r = await http.post("/admin/finetune/jobs", json=job_spec(settings, run.label, max_seq_len=max_context))
         run.notes["finetune_job_status"] = r.status_code
@@ -321,33 +370,29 @@ async def measure_mode(engine: Engine, run: ModeRun, settings: Settings, gpu: Gp
             raise RuntimeError(f"the finetuning job was refused: {r.text}")
         if mode == "inference-only":
             run.notes["finetune_job_refusal"] = r.json().get("error")
-        sampler = JobSampler(http, f"{JOB_PREFIX}-{run.label}", inflight)
+        sampler = JobSampler(http, f"{JOB_PREFIX}-{run.label}", client)
         sampler.task = asyncio.create_task(sampler.run())
         run.origin = time.perf_counter()
         try:
             if mode == "finetune-only":
                 probe = Record("probe", 0, 0, 4, 2)
-                await send(client, Request(0, [11, 12, 13, 14], 2), probe, inflight)
+                await send(client, Request(0, [11, 12, 13, 14], 2), probe)
                 run.notes["inference_refusal"] = {"status": probe.status, "error": probe.error}
             else:
                 warm = [Request(0, [random.Random(i).randrange(10, vocab) for _ in range(n)], 8)
                         for i, n in enumerate([8, 32, 128, 512, 16, 64, 256, 8])]
                 warm = [w for w in warm if len(w.prompt_ids) < max_context // 2]
-                await asyncio.gather(*(send(client, w, Record("warm", 0, 0, 0, 0), inflight) for w in warm))
+                await asyncio.gather(*(send(client, w, Record("warm", 0, 0, 0, 0)) for w in warm))
             if mode != "inference-only":
                 await wait_for_training(sampler, 120)
             if mode == "finetune-only":
-                run.points.append(await window(run, sampler, gpu, client, settings, "none", 0.0, [], inflight,
-                                               settings.duration_s * 2))
+                await replay(run, sampler, gpu, client, settings, "none", [0.0], vocab, max_context, deadline,
+                             2 * settings.duration_s)
                 save()
                 return
-            for trace, rate in [("poisson", r) for r in settings.rates] + [("gamma", r) for r in settings.gamma_rates]:
-                if time.perf_counter() + settings.duration_s + settings.drain_s > deadline:
-                    run.notes.setdefault("skipped_for_time", []).append([trace, rate])
-                    continue
-                reqs = requests(settings.workload, trace, rate, settings.duration_s, vocab, max_context)
-                run.points.append(await window(run, sampler, gpu, client, settings, trace, rate, reqs, inflight,
-                                               settings.duration_s))
+            for trace, rates in (("poisson", settings.rates), ("gamma", settings.gamma_rates)):
+                await replay(run, sampler, gpu, client, settings, trace, rates, vocab, max_context, deadline,
+                             settings.duration_s)
                 save()
         finally:
             sampler.task.cancel()
@@ -355,7 +400,7 @@ async def measure_mode(engine: Engine, run: ModeRun, settings: Settings, gpu: Gp
             run.samples = sampler.samples
             if mode != "inference-only":
                 await http.delete(f"/admin/finetune/jobs/{sampler.job_id}")
-            await client.close()
+            await api.close()
 
 
 async def wait_for_training(sampler: JobSampler, timeout_s: float) -> None:
@@ -368,38 +413,56 @@ async def wait_for_training(sampler: JobSampler, timeout_s: float) -> None:
     raise RuntimeError(f"the finetuning job made no progress within {timeout_s:.0f} s")
 
 
-async def window(run: ModeRun, sampler: JobSampler, gpu: GpuSampler, client, settings: Settings, trace: str,
-                 rate: float, reqs: list[Request], inflight: list[int], duration_s: float) -> dict:
-    """Replay one arrival trace open-loop; requests unfinished `drain_s` after the last arrival are cancelled
-    (and miss the SLO)."""
-    t0 = time.perf_counter()
-    recs = [Record(trace, rate, r.arrival_s, len(r.prompt_ids), r.max_tokens) for r in reqs]
-    tasks = [asyncio.create_task(at(t0 + r.arrival_s, send(client, r, rec, inflight))) for r, rec in zip(reqs, recs)]
-    end = t0 + duration_s
-    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+async def replay(run: ModeRun, sampler: JobSampler, gpu: GpuSampler, client: Client, settings: Settings,
+                 trace: str, rates: list[float], vocab: int, max_context: int, deadline: float,
+                 duration_s: float) -> None:
+    """Open-loop arrivals of one trace, its rates back to back (ascending, so each window starts loaded as a
+    steady state at a lower rate would leave it), then one drain: requests end, or are cancelled as certain
+    SLO misses, or at the drain cap."""
+    windows: list[Window] = []
+    tasks: list[asyncio.Task] = []
+    for rate in rates:
+        if time.perf_counter() + duration_s + EXPECTED_DRAIN_S > deadline:
+            run.notes.setdefault("skipped_for_time", []).append([trace, rate])
+            continue
+        reqs = requests(settings.workload, trace, rate, duration_s, vocab, max_context)
+        t0, tokens0 = time.perf_counter(), client.tokens
+        recs = [Record(trace, rate, r.arrival_s, len(r.prompt_ids), r.max_tokens) for r in reqs]
+        tasks += [asyncio.create_task(at(t0 + r.arrival_s, send(client, r, rec))) for r, rec in zip(reqs, recs)]
+        await asyncio.sleep(max(0.0, t0 + duration_s - time.perf_counter()))
+        windows.append(Window(trace, rate, t0, time.perf_counter(), recs, tokens0, client.tokens))
     if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, end + settings.drain_s - time.perf_counter()))
+        _, pending = await asyncio.wait(tasks, timeout=settings.drain_cap_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    t1 = max([end] + [r.last for r in recs if r.last is not None])
-    run.records += recs
-    run.windows.append([trace, rate, round(t0 - run.origin, 3), round(t1 - run.origin, 3)])
-    ft_rate, ft_steps, ft_method = sampler.rate(t0, t1)
-    ttfts = [r.ttft for r in recs if r.done]
-    tpots = [r.tpot for r in recs if r.done]
-    tokens = sum(r.completion_tokens if r.done else r.chunks for r in recs)
-    met = sum(r.meets(settings.ttft_slo_s, settings.tpot_slo_s) for r in recs)
-    point = {"mode": run.label, "trace": trace, "rate": rate, "requests": len(recs),
-             "finished": sum(r.done for r in recs), "errors": sum(r.error is not None for r in recs),
-             "slo_attainment": met / len(recs) if recs else None,
-             "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
-             "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99),
-             "inference_tokens_per_s": tokens / (t1 - t0), "finetune_tokens_per_s": ft_rate,
-             "finetune_steps": ft_steps, "finetune_rate_method": ft_method,
-             "gpu_busy_fraction": gpu.busy(t0, t1), "window_s": t1 - t0}
-    print(json.dumps(point), file=sys.stderr, flush=True)
-    return point
+    for w in windows:
+        run.records += w.records
+        run.windows.append([w.trace, w.rate, round(w.t0 - run.origin, 3), round(w.t1 - run.origin, 3)])
+        run.points.append(score(w, run.label, sampler, gpu, settings))
+        print(json.dumps(run.points[-1]), file=sys.stderr, flush=True)
+
+
+EXPECTED_DRAIN_S = 10.0   # for the time budget: a long request still running when its trace's last window ends
+
+
+def score(w: Window, label: str, sampler: JobSampler, gpu: GpuSampler, settings: Settings) -> dict:
+    """One point of the curves. Latency percentiles are over every request (cancelled ones as lower bounds);
+    token rates over the window's wall time, whichever window's requests the tokens belonged to."""
+    recs = w.records
+    ttfts = [r.ttft for r in recs if r.ttft is not None]
+    tpots = [r.tpot for r in recs if r.tpot is not None]
+    ft_rate, ft_steps, ft_method = sampler.rate(w.t0, w.t1)
+    return {"mode": label, "trace": w.trace, "rate": w.rate, "requests": len(recs),
+            "finished": sum(r.done for r in recs), "cancelled_as_miss": sum(r.missed for r in recs),
+            "errors": sum(r.error is not None and not r.missed for r in recs),
+            "slo_attainment": (sum(r.meets(settings.ttft_slo_s, settings.tpot_slo_s) for r in recs) / len(recs)
+                               if recs else None),
+            "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
+            "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99),
+            "inference_tokens_per_s": (w.tokens1 - w.tokens0) / (w.t1 - w.t0), "finetune_tokens_per_s": ft_rate,
+            "finetune_steps": ft_steps, "finetune_rate_method": ft_method,
+            "gpu_busy_fraction": gpu.busy(w.t0, w.t1), "window_s": w.t1 - w.t0}
 
 
 # ---- summary -------------------------------------------------------------------------------------------------
@@ -501,7 +564,7 @@ def run(settings: Settings, out: Path | None, workdir: Path) -> dict:
 
     runs: list[ModeRun] = []
     for label in settings.modes:
-        if time.perf_counter() + 2 * (settings.duration_s + settings.drain_s) > deadline:
+        if time.perf_counter() + 2 * settings.duration_s + EXPECTED_DRAIN_S > deadline:
             result["skipped_modes"].append(label)
             continue
         mode_run = ModeRun(label)
@@ -553,8 +616,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--rates", help="Poisson arrival rates, requests/s (default 2,4,8,16)")
     p.add_argument("--gamma-rates", help="bursty Gamma arrival rates, requests/s (default 8; none with --smoke)")
     p.add_argument("--duration", type=float, help="seconds of arrivals per point (default 8)")
-    p.add_argument("--drain", type=float, help="seconds allowed after the last arrival before unfinished "
-                                               "requests are cancelled (default 6)")
+    p.add_argument("--drain-cap", type=float, help="seconds allowed after a trace's last window before requests "
+                                                   "still running are cancelled (default 60; a request is "
+                                                   "cancelled anyway once it certainly misses the SLO)")
     p.add_argument("--ttft-slo", type=float, help="TTFT SLO in seconds (default 5, the paper's for 8B)")
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in seconds (default 0.045, the paper's for 8B)")
     p.add_argument("--engine-tpot-ms", type=float, help="the engine's --tpot-slo-ms, its per-iteration target "
@@ -579,7 +643,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     settings = Settings(
         smoke=smoke, modes=modes, rates=floats(a.rates or ("2,4" if smoke else "2,4,8,16")),
         gamma_rates=floats(a.gamma_rates if a.gamma_rates is not None else ("" if smoke else "8")),
-        duration_s=a.duration or (1.5 if smoke else 8.0), drain_s=a.drain or (3.0 if smoke else 6.0),
+        duration_s=a.duration or (1.5 if smoke else 8.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
         engine_tpot_ms=a.engine_tpot_ms or 800 * tpot, chunk_tokens=a.chunk_tokens or (16 if smoke else 256),
         engine_args=engine_args, workload=workload,

@@ -73,3 +73,35 @@ def test_summary_compares_at_the_highest_rate_inference_only_holds():
 def test_summary_without_a_rate_that_holds_the_slo_is_null():
     summary, _ = summarize([point("inference-only", 2, 0.5, 0.0), point("coserve", 2, 0.5, 10.0)])
     assert set(summary) == SUMMARY and all(v is None for v in summary.values())
+
+
+def test_requests_are_given_up_once_they_certainly_miss_the_slo(llama_dir, tmp_path):
+    """No first token within the TTFT SLO, or decode already slower than the TPOT SLO allows for the whole
+    output: the client stops waiting, and the request counts as a miss with lower-bound latencies."""
+    import asyncio
+
+    import openai
+    from serving_bench import Client, Record, send
+    from serving_workload import Request
+
+    from server_proc import EngineProcess
+
+    engine = EngineProcess(llama_dir, tmp_path, None)
+    try:
+        async def one(ttft_slo: float, tpot_slo: float, max_tokens: int) -> Record:
+            api = openai.AsyncOpenAI(base_url=engine.url + "/v1", api_key="none", max_retries=0)
+            rec = Record("test", 1.0, 0.0, 4, max_tokens)
+            await send(Client(api, ttft_slo, tpot_slo, model="tiny"), Request(0.0, [5, 6, 7, 8], max_tokens), rec)
+            await api.close()
+            return rec
+
+        met = asyncio.run(one(30.0, 1.0, 8))
+        assert met.done and not met.missed and met.completion_tokens == 8 and met.meets(30.0, 1.0)
+        late = asyncio.run(one(-1.0, 1.0, 8))            # the TTFT deadline has passed before the request is sent
+        assert late.missed and not late.done and late.first is None and late.ttft >= 0 and not late.meets(30, 1)
+        slow = asyncio.run(one(30.0, -0.1 / 1999, 2000))  # the TPOT deadline passes right after the first token
+        assert slow.missed and not slow.done and slow.first is not None and 0 < slow.chunks < 2000
+        assert slow.tpot is not None and slow.error == "cancelled: certain SLO miss"
+        assert engine.alive()
+    finally:
+        engine.stop()
