@@ -28,12 +28,12 @@ class Workload:
     """Every parameter of the generated workload; the JSON result records it.
 
     Defaults (the 8B run): prompts of median 128 tokens (sigma 1.0, so a mean near 210, in [4, 2048]) and outputs
-    of median 128 (sigma 0.8, mean near 175, in [4, 1024]) approximate the long-tailed ShareGPT conversations
+    of median 128 (sigma 0.8, mean near 167, in [4, 512]) approximate the long-tailed ShareGPT conversations
     that serving papers replay (means of roughly 200 prompt and 200 output tokens); finetuning sequences of
     median 3000 tokens (sigma 0.6, in [512, 8192]) stand in for Sky-T1's long reasoning traces."""
 
     prompt: LogNormal = LogNormal(128, 1.0, 4, 2048)
-    output: LogNormal = LogNormal(128, 0.8, 4, 1024)
+    output: LogNormal = LogNormal(128, 0.8, 4, 512)
     finetune: LogNormal = LogNormal(3000, 0.6, 512, 8192)
     finetune_sequences: int = 48
     gamma_cv: float = 3.0          # coefficient of variation of bursty inter-arrival gaps (Poisson's is 1)
