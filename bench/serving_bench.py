@@ -279,18 +279,19 @@ async def send(client: Client, req: Request, rec: Record) -> None:
         stream = await client.api.completions.create(
             model=client.model, prompt=req.prompt_ids, max_tokens=req.max_tokens, temperature=0.0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices:
-                if rec.first is None:
-                    rec.first = now
-                    watchdog.cancel()
-                    watchdog = loop.call_later((req.max_tokens - 1) * client.tpot_slo_s + GRACE_S, give_up)
-                rec.last = now
-                rec.chunks += 1
-                client.tokens += 1
-            if chunk.usage is not None:
-                rec.completion_tokens = chunk.usage.completion_tokens
+        async with stream:   # a request given up closes its connection, so the server aborts it
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.choices:
+                    if rec.first is None:
+                        rec.first = now
+                        watchdog.cancel()
+                        watchdog = loop.call_later((req.max_tokens - 1) * client.tpot_slo_s + GRACE_S, give_up)
+                    rec.last = now
+                    rec.chunks += 1
+                    client.tokens += 1
+                if chunk.usage is not None:
+                    rec.completion_tokens = chunk.usage.completion_tokens
         rec.status = 200
     except openai.APIStatusError as exc:
         rec.status, rec.error = exc.status_code, str(exc)[:200]

@@ -79,7 +79,10 @@ def test_requests_are_given_up_once_they_certainly_miss_the_slo(llama_dir, tmp_p
     """No first token within the TTFT SLO, or decode already slower than the TPOT SLO allows for the whole
     output: the client stops waiting, and the request counts as a miss with lower-bound latencies."""
     import asyncio
+    import re
+    import time
 
+    import httpx
     import openai
     from serving_bench import Client, Record, send
     from serving_workload import Request
@@ -102,6 +105,10 @@ def test_requests_are_given_up_once_they_certainly_miss_the_slo(llama_dir, tmp_p
         slow = asyncio.run(one(30.0, -0.1 / 1999, 2000))  # the TPOT deadline passes right after the first token
         assert slow.missed and not slow.done and slow.first is not None and 0 < slow.chunks < 2000
         assert slow.tpot is not None and slow.error == "cancelled: certain SLO miss"
+        deadline = time.monotonic() + 10     # the closed stream made the server abort the request
+        while not re.search(r'coserve_requests_total\{reason="abort"\} [1-9]', httpx.get(engine.url + "/metrics").text):
+            assert time.monotonic() < deadline, "the server never aborted the request given up"
+            time.sleep(0.1)
         assert engine.alive()
     finally:
         engine.stop()
