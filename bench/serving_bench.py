@@ -57,6 +57,7 @@ class Settings:
     chunk_tokens: int
     engine_args: list[str]
     time_budget_s: float | None   # windows and modes that would end past it are skipped (and listed)
+    model: Path | None = None     # a Hugging Face model directory to serve instead of the generated one
     workload: Workload = field(default_factory=Workload)
 
 
@@ -506,6 +507,7 @@ def summarize(points: list[dict], slo_target: float = 0.99) -> tuple[dict, dict]
 
 # ---- the run -------------------------------------------------------------------------------------------------
 def build_model(work: Path, smoke: bool) -> Path:
+    """The tiny demo model (--smoke), else a Llama-3.1-8B-shaped directory with random bf16 weights."""
     if smoke:
         from coserve.engine.demo_model import TinyModelSpec, write_tiny_model
         return write_tiny_model(work / "model", TinyModelSpec())
@@ -543,14 +545,15 @@ def run(settings: Settings, out: Path | None, workdir: Path) -> dict:
     started = time.perf_counter()
     deadline = started + (settings.time_budget_s or float("inf")) - 15   # the plots and the last save
 
-    model = build_model(workdir, settings.smoke)
+    model = settings.model or build_model(workdir, settings.smoke)
     print(f"model ready at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     config = json.loads((model / "config.json").read_text())
     max_context = min(config["max_position_embeddings"], 8192)
     lengths = write_finetune_dataset(workdir / "data" / "ft" / "data.jsonl", AutoTokenizer.from_pretrained(model),
                                      settings.workload)
+    recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items() if k != "workload"}
     result = {"benchmark": "serving", "device": device_name(), "date": date.today().isoformat(),
-              "versions": versions(), "settings": {k: v for k, v in vars(settings).items() if k != "workload"},
+              "versions": versions(), "settings": recorded,
               "workload": {**settings.workload.to_dict(), "finetune_lengths": lengths}, "points": [], "runs": {},
               "errors": {}, "skipped_modes": [], "summary": {}}
     gpu = GpuSampler()
@@ -609,6 +612,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, short windows: checks the harness")
     p.add_argument("--out", type=Path, help="JSON result path; the PNG plots go beside it")
+    p.add_argument("--model", type=Path, help="serve this Hugging Face model directory instead of generating the "
+                                              "8B shape (or the tiny model with --smoke)")
     p.add_argument("--workdir", type=Path, help="model, dataset and engine logs (default: a temporary folder, "
                                                 "in /dev/shm when it exists)")
     p.add_argument("--modes", help="comma-separated: finetune-only, inference-only, coserve, temporal-N "
@@ -626,7 +631,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
                                                         "(default 80%% of --tpot-slo)")
     p.add_argument("--chunk-tokens", type=int, help="the job's forward chunk / backward unit size (default 256)")
     p.add_argument("--gamma-cv", type=float, help="coefficient of variation of the Gamma trace (default 3)")
-    p.add_argument("--engine-arg", action="append", default=[], help="extra `coserve serve` argument (repeatable)")
+    p.add_argument("--engine-arg", action="append", default=[],
+                   help="extra `coserve serve` argument, e.g. --engine-arg=--max-num-seqs=128 (repeatable)")
     p.add_argument("--time-budget", type=float, help="seconds the whole run may take; windows and modes that "
                                                      "would end later are skipped and listed (default 540; none "
                                                      "with --smoke)")
@@ -647,7 +653,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         duration_s=a.duration or (1.5 if smoke else 8.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
         engine_tpot_ms=a.engine_tpot_ms or 800 * tpot, chunk_tokens=a.chunk_tokens or (16 if smoke else 256),
-        engine_args=engine_args, workload=workload,
+        engine_args=engine_args, workload=workload, model=a.model.resolve() if a.model else None,
         time_budget_s=a.time_budget if a.time_budget is not None else (None if smoke else 540.0))
     return settings, a
 
