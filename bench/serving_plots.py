@@ -61,7 +61,7 @@ def plot_sweep(result: dict, path: Path) -> Path:
 
 def plot_timeline(result: dict, path: Path, label: str = "coserve") -> Path:
     """One mode's whole run: requests in flight, finetuning tokens/s (over 2 s), and each request's TPOT at its
-    last token, with the rate of each window shaded."""
+    last token (those given up as certain misses marked apart), with each rate's arrival window shaded."""
     run = result["runs"].get(label) or next(iter(result["runs"].values()))
     tl = run["timeline"]
     fig, axes = plt.subplots(3, 1, figsize=(11, 7.5), sharex=True)
@@ -77,9 +77,12 @@ def plot_timeline(result: dict, path: Path, label: str = "coserve") -> Path:
     axes[1].plot(rate_t, rate_v, color="tab:red")
     axes[1].set_ylabel("finetuning tokens/s")
     col = {c: i for i, c in enumerate(run["record_columns"])}
-    done = [r for r in run["records"] if r[col["finished"]] and r[col["tpot_s"]] is not None]
-    axes[2].scatter([r[col["last_token_s"]] for r in done], [1000 * r[col["tpot_s"]] for r in done], s=6,
-                    color="tab:purple")
+    for missed, kw in ((False, dict(s=6, color="tab:purple", label="finished")),
+                       (True, dict(s=14, color="tab:red", marker="x", label="given up (TPOT so far)"))):
+        rows = [r for r in run["records"] if r[col["tpot_s"]] is not None and r[col["last_token_s"]] is not None
+                and (r[col["cancelled_as_miss"]] if missed else r[col["finished"]])]
+        if rows:
+            axes[2].scatter([r[col["last_token_s"]] for r in rows], [1000 * r[col["tpot_s"]] for r in rows], **kw)
     axes[2].axhline(1000 * result["settings"]["tpot_slo_s"], color="grey", ls=":", label="TPOT SLO")
     axes[2].set(ylabel="TPOT (ms)", xlabel="seconds since the mode's engine was ready")
     axes[2].legend(fontsize=8)
