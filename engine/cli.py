@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from coserve.engine.config import EngineConfig
 from coserve.engine.logs import FORMATS, configure_logging
+from coserve.engine.serving_mode import MODE_HELP, ServingMode
 
 if TYPE_CHECKING:
     import uvicorn
@@ -42,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                           tpot_slo_ms=args.tpot_slo_ms, max_finetune_jobs=args.max_finetune_jobs,
+                          mode=args.mode, temporal_interval=args.temporal_interval,
                           cuda_graphs=not args.enforce_eager, fast_path=False if args.no_fast_path else None,
                           enable_prefix_caching=not args.no_enable_prefix_caching,
                           overlap_outputs=not args.no_overlap_outputs,
@@ -136,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="latency target of one iteration (time per output token); finetuning work fills "
                             "what inference leaves of it")
     serve.add_argument("--max-finetune-jobs", type=int, default=2, help="finetuning jobs trained at once")
+    serve.add_argument("--mode", default=ServingMode.COSERVE.value, choices=[m.value for m in ServingMode],
+                       help="how inference and finetuning share the engine (baselines for comparison): " +
+                            "; ".join(f"{m.value}: {text}" for m, text in MODE_HELP.items()))
+    serve.add_argument("--temporal-interval", type=_positive_int, default=128, metavar="N",
+                       help="--mode temporal: inference iterations between two whole finetuning steps")
     serve.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
                        help="largest request body; larger ones answer 413 before they are read")
     serve.add_argument("--max-prompt-chars", type=int,
@@ -186,6 +193,13 @@ def _seconds(value: str) -> float:
     if not 0 <= seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {value!r}")
     return seconds
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
 
 
 def _cuda() -> bool:

@@ -21,6 +21,8 @@ class EngineConfig:
     tpot_slo_ms: float = 50.0           # latency target of one iteration; finetuning fills what inference leaves
     max_finetune_jobs: int = 2          # jobs trained at once; more wait queued
     finetune_kv_reserve: float = 0.1    # fraction of KV blocks finetuning never takes
+    mode: str = "coserve"               # coserve | temporal | inference-only | finetune-only (serving_mode.py)
+    temporal_interval: int = 128        # temporal mode: inference iterations between whole finetuning steps
     fast_path: bool | None = None       # Triton kernels; default: on for cuda (off on cpu: the twins serve there)
     cuda_graphs: bool = True            # decode iterations replay captured CUDA graphs (cuda only)
     overlap_outputs: bool = True        # a step makes the previous iteration's outputs while this one runs

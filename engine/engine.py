@@ -19,6 +19,7 @@ from coserve.engine.runner import Runner, StepResult
 from coserve.engine.sampling import SamplingParams
 from coserve.engine.scheduler import Scheduler
 from coserve.engine.sequence import RequestOutput, Sequence, Status
+from coserve.engine.serving_mode import ServingPolicy
 
 
 class RequestError(ValueError):
@@ -67,6 +68,7 @@ class LLMEngine:
         self.last_step = StepStats()
         self.model_name = config.served_model_name or Path(config.model).name
         self.finetune = FinetuneManager(self, config.max_finetune_jobs, config.finetune_kv_reserve)
+        self.mode = ServingPolicy(config.mode, config.temporal_interval)
         self.cost = cost_model or profile(self)
         self.clock = IterationClock(config.device)
         self.runner.warmup()
@@ -82,6 +84,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     adapter: str | None = None) -> None:
+        if not self.mode.serves_inference:
+            raise RequestError(f"this engine serves finetuning only (--mode {self.mode.mode.value}); send "
+                               "inference requests to another engine", "model", 503)
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running", "request_id")
         if not prompt_ids:
@@ -115,7 +120,7 @@ class LLMEngine:
             self.loras.release(seq.adapter_slot)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.finetune.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or (self.mode.trains and self.finetune.has_work()) or bool(self._pending)
 
     def step(self) -> list[RequestOutput]:
         """One iteration: inference chunks first, then the finetuning forward chunks and backward units that
@@ -126,11 +131,12 @@ class LLMEngine:
         self.clock.start()
         steps, saves = self.finetune.counters()
         budget = self.config.tpot_slo_ms / 1000
-        chunks = self.scheduler.schedule()
+        turn = self.mode.turn(self.scheduler.has_work(), self.finetune)
+        chunks = self.scheduler.schedule() if turn.inference else []
         inference_tokens = sum(c.length for c in chunks)
         ft_chunks: list = []
         left = budget - (self.cost.forward_s(inference_tokens) if chunks else 0.0)
-        if self.finetune.has_work():
+        if turn.finetune and self.finetune.has_work():
             room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
             ft_chunks = self.finetune.plan_forward(left, room, self.cost, bool(chunks))
         forward_tokens = inference_tokens + sum(c.length for c in ft_chunks)
@@ -144,8 +150,9 @@ class LLMEngine:
             outputs += self._check_tokens(result)
             self.finetune.forward_done(ft_chunks, result.kept)
         units = unit_tokens = 0
-        if self.finetune.has_work():
+        if turn.finetune and self.finetune.has_work():
             units, unit_tokens = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
+        self.mode.done(turn, self.finetune, bool(ft_chunks) or units > 0)
         if not self.config.overlap_outputs or not self.scheduler.has_work():
             outputs += self._emit()
         steps_after, saves_after = self.finetune.counters()

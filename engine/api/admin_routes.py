@@ -53,8 +53,9 @@ def admin_router(engine: AsyncEngine) -> APIRouter:
                 "kv_usage": round(core.blocks.usage(), 4), "adapter_slots_total": core.loras.max_loras,
                 "adapter_slots_free": core.loras.free_slots(), "max_lora_rank": core.loras.max_rank,
                 "running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting),
-                "max_model_len": core.max_model_len, "finetune_slots_total": core.finetune.max_active,
-                "finetune_slots_free": core.finetune.slots_free(),
+                "max_model_len": core.max_model_len, "mode": core.mode.mode.value,
+                "finetune_slots_total": core.finetune.max_active if core.mode.trains else 0,
+                "finetune_slots_free": core.finetune.slots_free() if core.mode.trains else 0,
                 "finetune_jobs": {s: sum(j.state.value == s for j in list(core.finetune.jobs.values()))
                                   for s in ("queued", "running")},
                 "load": round(core.last_step.duration_s / (cfg.tpot_slo_ms / 1000), 3),
@@ -84,15 +85,15 @@ def admin_router(engine: AsyncEngine) -> APIRouter:
         return job
 
     async def submit(spec: JobSpec, replace: bool) -> dict:
+        if not core.mode.trains:
+            raise APIError(503, f"this engine serves inference only (--mode {core.mode.mode.value}); submit the "
+                                "job to another engine")
         try:
             core.finetune.check_new(spec, replace)
             job = await asyncio.to_thread(build_job, core, spec)
             await engine.call(lambda: core.finetune.add(job, replace))
         except JobError as exc:
-            error = refuse(exc.status, str(exc), exc.param)
-            if exc.status == 503:
-                error.kind = "service_unavailable_error"
-            raise error from exc
+            raise refuse(exc.status, str(exc), exc.param) from exc
         return relative(job.progress())
 
     @router.post("/finetune/jobs", status_code=201, openapi_extra=body_schema(JobSpec))

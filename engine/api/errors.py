@@ -15,7 +15,7 @@ log = logging.getLogger("coserve.api")
 
 KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-         415: "invalid_request_error"}
+         415: "invalid_request_error", 503: "service_unavailable_error"}
 # pydantic puts the union member it tried into an error's location ("str", "list[int]", ...); not a field
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")
 

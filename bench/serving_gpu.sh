@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The serving benchmark (issue 12) on a GPU machine in one call: the carried wheels (.whl: pydantic, fastapi,
+# starlette, uvicorn, openai and what they need) go to /tmp/site as in gpu_check.sh, then bench/serving_bench.py
+# runs the default sweep (about 8 minutes on one H100; --time-budget 540 s skips what would not fit).
+#   bash bench/serving_gpu.sh [OUT_DIR] [serving_bench.py arguments...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-/tmp/coserve-serving}}"
+shift || true
+mkdir -p "$out" /tmp/site/coserve
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+touch /tmp/site/coserve/__init__.py
+for pkg in engine kernels operator; do ln -sfn "$PWD/$pkg" "/tmp/site/coserve/$pkg"; done
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+python3 bench/serving_bench.py --out "$out/serving_bench.json" "$@" 2> "$out/serving_bench.log"
+status=$?
+tail -25 "$out/serving_bench.log"
+exit $status
