@@ -47,6 +47,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def emit(result: dict, out: Path | None) -> None:
+    """Print a benchmark's JSON, and write it to `out` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text)
+
+
 def run_header(benchmark: str, device: str) -> dict:
     """Device, date and library versions: a result is only comparable with one taken under the same."""
     import transformers

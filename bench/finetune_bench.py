@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ALL_PROJECTIONS, SHAPES, import_coserve, job_spec, kv_bytes_per_token,  # noqa: E402
+from common import (ALL_PROJECTIONS, SHAPES, emit, import_coserve, job_spec, kv_bytes_per_token,  # noqa: E402
                     run_header, sync, write_model)
 
 
@@ -362,10 +362,7 @@ def main() -> None:
         cfg = FinetuneBenchConfig(**given)
     device = "cpu" if args.small else "cuda"
     result = run(cfg, device)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

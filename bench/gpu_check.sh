@@ -7,12 +7,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp/coserve-gpu}}"
-mkdir -p "$out" /tmp/site/coserve
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-touch /tmp/site/coserve/__init__.py
-for pkg in engine kernels operator; do ln -sfn "$PWD/$pkg" "/tmp/site/coserve/$pkg"; done
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+mkdir -p "$out"
+source bench/device_env.sh
 tests="${CHECKS:-tests/test_kernel_attention.py tests/test_kernel_lora.py tests/test_kernel_fused_ops.py \
     tests/test_kernel_sampling.py tests/test_fast_path.py tests/test_unit_graphs.py tests/test_finetune_ops.py \
     tests/test_engine_overlap.py}"

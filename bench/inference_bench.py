@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, import_coserve, kv_bytes_per_token, run_header, sync, write_model  # noqa: E402
+from common import SHAPES, emit, import_coserve, kv_bytes_per_token, run_header, sync, write_model  # noqa: E402
 
 
 def ceilings(device: str) -> dict:
@@ -255,10 +255,7 @@ def main() -> None:
         "prefill_8b_matmul_fraction": big.get("prefill_matmul_fraction"),
         "multi_lora_32_over_base": big.get("multi_lora", {}).get("over_base_throughput"),
         "prefix_cache_ttft_speedup": big.get("prefix_cache", {}).get("speedup")}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp/coserve-serving}}"
 shift || true
-mkdir -p "$out" /tmp/site/coserve
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-touch /tmp/site/coserve/__init__.py
-for pkg in engine kernels operator; do ln -sfn "$PWD/$pkg" "/tmp/site/coserve/$pkg"; done
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+mkdir -p "$out"
+source bench/device_env.sh
 python3 bench/serving_bench.py --out "$out/serving_bench.json" "$@" 2> "$out/serving_bench.log"
 status=$?
 tail -25 "$out/serving_bench.log"

@@ -219,6 +219,8 @@ class UnitGraphs:
         cached = self.graphs.get(key)
         if cached is None:
             if key not in self.seen or len(self.graphs) >= self.max_graphs or not self.capture_allowed:
+                if len(self.seen) >= 8 * self.max_graphs:   # shapes of co-served units rarely repeat: forget them
+                    self.seen.clear()
                 self.seen.add(key)
                 return layer_grads(bwd.model, layer_idx, bwd.kv_caches[layer_idx], bwd.adapter, start, inputs, params)
             cached = self._capture(bwd, layer_idx, start, inputs, params)
