@@ -251,14 +251,20 @@ def window(streams: Streams, seconds: float, job=None) -> dict:
     times of the iterations that decoded, the streams' token gaps and decode tokens/s."""
     engine = streams.engine
     iters, gaps, decoded = [], [], 0
+    units = {"units": 0, "eager_units": 0, "unit_captures": 0, "finetune_forward_iterations": 0}
     t0 = time.perf_counter()
     while True:
         step_before = job.step if job is not None else None
         dt, g = streams.step()
         gaps += g
-        if engine.last_step.decode_tokens:
+        last = engine.last_step
+        if last.decode_tokens:
             iters.append(dt)
-            decoded += engine.last_step.decode_tokens
+            decoded += last.decode_tokens
+        units["units"] += last.backward_units
+        units["eager_units"] += last.eager_units
+        units["unit_captures"] += last.unit_captures
+        units["finetune_forward_iterations"] += bool(last.finetune_tokens)
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds and (job is None or job.step != step_before or not job.active
                                    or elapsed >= 3 * seconds):
@@ -266,7 +272,7 @@ def window(streams: Streams, seconds: float, job=None) -> dict:
     return {"seconds": elapsed, "iterations": len(iters), "decode_tokens_per_s": decoded / elapsed,
             "iteration_ms_p50": 1000 * percentile(iters, 0.5), "iteration_ms_p99": 1000 * percentile(iters, 0.99),
             "iteration_ms_max": 1000 * max(iters, default=0.0), "token_gap_ms_p50": 1000 * percentile(gaps, 0.5),
-            "token_gap_ms_p99": 1000 * percentile(gaps, 0.99)}
+            "token_gap_ms_p99": 1000 * percentile(gaps, 0.99), **units}
 
 
 def coserving(engine, data_root: Path, cfg: FinetuneBenchConfig) -> dict:
@@ -293,7 +299,7 @@ def coserving(engine, data_root: Path, cfg: FinetuneBenchConfig) -> dict:
     co = window(streams, cfg.coserve_seconds, job)
     trained = sum(lengths[step0 * sps:job.step * sps])   # whole optimizer steps, forward and backward
     co.update(finetune_tokens_per_s=trained / co["seconds"], finetune_steps=job.step - step0,
-              job_state=job.state.value)
+              job_state=job.state.value, cost_model=engine.cost.to_dict())
     engine.finetune.cancel(spec.id)
     streams.stop()
     while engine.has_work():

@@ -29,20 +29,26 @@ class Work:
     units: int = 0               # backward units
     unit_tokens: int = 0         # their tokens
     optimizer_steps: int = 0
-    saved: bool = False          # a checkpoint was written (disk time, not a property of the work: not learned)
+    saved: bool = False          # a checkpoint was written or CUDA graphs captured (host time, not learned)
+    graphed_forward: bool = False  # the forward replayed a decode CUDA graph (no per-kernel launches)
+    eager_units: int = 0         # units that ran eagerly, not as graph replays
 
     def features(self) -> list[float]:
-        return [float(self.forward_tokens > 0), float(self.forward_tokens), float(self.units), float(self.unit_tokens),
-                float(self.optimizer_steps)]
+        forward = self.forward_tokens > 0
+        return [float(forward and not self.graphed_forward), float(self.forward_tokens), float(self.units),
+                float(self.unit_tokens), float(self.optimizer_steps), float(forward and self.graphed_forward),
+                float(self.eager_units)]
 
 
 @dataclass
 class CostModel:
-    fwd_fixed_s: float
+    fwd_fixed_s: float                   # an eagerly launched forward
     fwd_per_token_s: float
-    unit_fixed_s: float
+    unit_fixed_s: float                  # a backward unit replayed from its CUDA graph (or any unit, on a CPU)
     unit_per_token_s: float
     step_s: float = 0.0                  # an optimizer step (learned; the profile leaves it at 0)
+    graph_fwd_fixed_s: float | None = None  # a forward replayed from a decode graph; None: as an eager one
+    eager_unit_s: float = 0.0            # what an eagerly launched unit costs beyond a replayed one
     margin: float = 1.0                  # predictions are multiplied by this (>= 1) when planning
     learn: bool = False                  # refine from measured iterations (the profiled model does; a given one is fixed)
     error: float | None = None           # median relative prediction error over the window, at the last refit
@@ -51,28 +57,34 @@ class CostModel:
     _since_fit: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
+        if self.graph_fwd_fixed_s is None:
+            self.graph_fwd_fixed_s = self.fwd_fixed_s
         if self.prior is None:
             self.prior = self.params()
 
     def params(self) -> tuple[float, ...]:
-        return self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s
+        """The coefficients, in the order of `Work.features` (and of the constructor)."""
+        return (self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s,
+                self.graph_fwd_fixed_s, self.eager_unit_s)
 
     def predict(self, work: Work) -> float:
         return float(np.dot(work.features(), self.params()))
 
-    def forward_s(self, tokens: int) -> float:
-        return (self.fwd_fixed_s + self.fwd_per_token_s * tokens) * self.margin
+    def forward_s(self, tokens: int, graphed: bool = False) -> float:
+        fixed = self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s
+        return (fixed + self.fwd_per_token_s * tokens) * self.margin
 
-    def unit_s(self, tokens: int) -> float:
-        return (self.unit_fixed_s + self.unit_per_token_s * tokens) * self.margin
+    def unit_s(self, tokens: int, eager: bool = False) -> float:
+        extra = self.eager_unit_s if eager else 0.0
+        return (self.unit_fixed_s + extra + self.unit_per_token_s * tokens) * self.margin
 
     def forward_tokens_within(self, seconds: float, fixed_paid: bool) -> int:
-        """How many more forward tokens fit in `seconds` (the forward's fixed cost included unless paid)."""
+        """How many more forward tokens fit in `seconds` (an eager forward's fixed cost included unless paid)."""
         spare = seconds / self.margin - (0.0 if fixed_paid else self.fwd_fixed_s)
         return max(0, int(spare / max(self.fwd_per_token_s, 1e-12)))
 
     def unit_tokens_within(self, seconds: float, most: int) -> int:
-        """The largest backward unit, up to `most` tokens, predicted to take at most `seconds`."""
+        """The largest replayed backward unit, up to `most` tokens, predicted to take at most `seconds`."""
         seconds /= self.margin
         if self.unit_per_token_s <= 0:
             return most if seconds >= self.unit_fixed_s else 0
@@ -111,16 +123,17 @@ class CostModel:
                 if v < 0:
                     theta[j] = 0.0
             free = [j for j, v in zip(free, sol) if v >= 0]
-        self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s = map(float,
-                                                                                                           theta)
+        (self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s,
+         self.graph_fwd_fixed_s, self.eager_unit_s) = map(float, theta)
         ratios = y / np.maximum(x @ theta, 1e-9)
         self.margin = float(min(MAX_MARGIN, max(1.0, np.quantile(ratios, 0.99))))
         predicted = np.array([p for _, _, p in self._seen])
         self.error = float(np.median(np.abs(predicted - y) / y))
 
     def to_dict(self) -> dict:
-        return {"fwd_fixed_s": self.fwd_fixed_s, "fwd_per_token_s": self.fwd_per_token_s,
-                "unit_fixed_s": self.unit_fixed_s, "unit_per_token_s": self.unit_per_token_s, "step_s": self.step_s,
+        return {"fwd_fixed_s": self.fwd_fixed_s, "graph_fwd_fixed_s": self.graph_fwd_fixed_s,
+                "fwd_per_token_s": self.fwd_per_token_s, "unit_fixed_s": self.unit_fixed_s,
+                "unit_per_token_s": self.unit_per_token_s, "step_s": self.step_s, "eager_unit_s": self.eager_unit_s,
                 "margin": self.margin}
 
 
@@ -172,11 +185,22 @@ def _median_time(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def _graph_replay_s(engine: "LLMEngine") -> tuple[int, float] | None:
+    """(batch, seconds) of the largest captured decode graph's replay (writing no KV), if the engine has one."""
+    graphs = engine.runner.graphs
+    if graphs is None or not graphs.graphs:
+        return None
+    bs = max(b for b, lora in graphs.graphs if not lora)
+    graphs.inputs.slots.fill_(-1)
+    graphs.inputs.seq_lens.zero_()
+    return bs, _median_time(graphs.graphs[(bs, False)][0].replay)
+
+
 def profile(engine: "LLMEngine") -> CostModel:
-    """The prior: time real forwards and layer backward units (LoRA on every projection) on a scratch sequence,
-    and fit two lines."""
+    """The prior: time real forwards, a decode graph's replay and layer backward units (LoRA on every projection)
+    on a scratch sequence, and fit lines; units are timed eagerly (an upper bound for replayed ones)."""
     from coserve.engine.finetune.adapter import TrainAdapter
-    from coserve.engine.finetune.backward import SavedChunk, SequenceBackward
+    from coserve.engine.finetune.backward import SequenceBackward, Span
     from coserve.engine.finetune.spec import LoRASpec
     from coserve.engine.model.llama import LORA_TARGETS
     from coserve.engine.runner import build_batch
@@ -194,7 +218,7 @@ def profile(engine: "LLMEngine") -> CostModel:
         for n in sizes:
             chunk = Chunk(seq, 0, n, finetune=True)
 
-            def forward() -> list[torch.Tensor]:
+            def forward() -> torch.Tensor:
                 batch = build_batch([chunk], engine.blocks, engine.config.device)
                 with torch.no_grad():
                     engine.model(batch, engine.kv_caches)
@@ -205,7 +229,7 @@ def profile(engine: "LLMEngine") -> CostModel:
             table = torch.tensor(engine.blocks.tables[seq.request_id], device=engine.config.device)
 
             def units(count: int) -> None:
-                bwd = SequenceBackward(engine.model, adapter, [SavedChunk(0, n, forward())], [1] * n, table,
+                bwd = SequenceBackward(engine.model, adapter, forward(), [Span(0, n)], [1] * n, table,
                                        engine.kv_caches, 1.0)
                 for _ in range(count):
                     bwd.run_unit()   # the loss head, then the top layer
@@ -213,4 +237,7 @@ def profile(engine: "LLMEngine") -> CostModel:
             unit.append(max(1e-9, _median_time(lambda: units(2)) - _median_time(lambda: units(1))))
     finally:
         engine.blocks.release(seq.request_id)
-    return CostModel(*_line(sizes, tuple(fwd)), *_line(sizes, tuple(unit)), learn=True)
+    fwd_fixed, per_token = _line(sizes, tuple(fwd))
+    replay = _graph_replay_s(engine)
+    graph_fixed = max(0.0, replay[1] - per_token * replay[0]) if replay else None
+    return CostModel(fwd_fixed, per_token, *_line(sizes, tuple(unit)), graph_fwd_fixed_s=graph_fixed, learn=True)

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from coserve.engine.config import EngineConfig
 from coserve.engine.cost_model import CostModel, IterationClock, Work, profile
 from coserve.engine.detokenizer import IncrementalDetokenizer
-from coserve.engine.finetune.manager import FinetuneManager
+from coserve.engine.finetune.manager import BackwardWork, FinetuneManager
 from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
 from coserve.engine.lora import LoRARegistry
 from coserve.engine.model.loader import DTYPES, load_model
@@ -41,6 +41,9 @@ class StepStats:
     backward_units: int = 0
     unit_tokens: int = 0
     duration_s: float = 0.0
+    eager_units: int = 0            # units launched kernel by kernel (the rest replayed CUDA graphs)
+    unit_captures: int = 0          # units whose CUDA graph was captured in this iteration
+    graphed_forward: bool = False   # the forward replayed a decode CUDA graph
 
 
 class LLMEngine:
@@ -69,9 +72,9 @@ class LLMEngine:
         self.model_name = config.served_model_name or Path(config.model).name
         self.finetune = FinetuneManager(self, config.max_finetune_jobs, config.finetune_kv_reserve)
         self.mode = ServingPolicy(config.mode, config.temporal_interval)
+        self.runner.warmup()
         self.cost = cost_model or profile(self)
         self.clock = IterationClock(config.device)
-        self.runner.warmup()
 
     def _blocks_for_memory(self, dtype: torch.dtype) -> int:
         per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype)
@@ -135,12 +138,12 @@ class LLMEngine:
         chunks = self.scheduler.schedule() if turn.inference else []
         inference_tokens = sum(c.length for c in chunks)
         ft_chunks: list = []
-        left = budget - (self.cost.forward_s(inference_tokens) if chunks else 0.0)
         if turn.finetune and self.finetune.has_work():
             room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
-            ft_chunks = self.finetune.plan_forward(left, room, self.cost, bool(chunks))
+            ft_chunks = self.finetune.plan_forward(budget, inference_tokens, room, self.cost)
         forward_tokens = inference_tokens + sum(c.length for c in ft_chunks)
-        left = budget - (self.cost.forward_s(forward_tokens) if forward_tokens else 0.0)
+        graphed = self.runner.graphed(chunks + ft_chunks)
+        left = budget - (self.cost.forward_s(forward_tokens, graphed) if forward_tokens else 0.0)
         flight = self.runner.launch(chunks + ft_chunks) if chunks or ft_chunks else None
         for c in chunks:
             c.seq.num_computed += c.length
@@ -149,19 +152,21 @@ class LLMEngine:
             result = flight.result()
             outputs += self._check_tokens(result)
             self.finetune.forward_done(ft_chunks, result.kept)
-        units = unit_tokens = 0
+        backward = BackwardWork()
         if turn.finetune and self.finetune.has_work():
-            units, unit_tokens = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
-        self.mode.done(turn, self.finetune, bool(ft_chunks) or units > 0)
+            backward = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
+        self.mode.done(turn, self.finetune, bool(ft_chunks) or backward.units > 0)
         if not self.config.overlap_outputs or not self.scheduler.has_work():
             outputs += self._emit()
         steps_after, saves_after = self.finetune.counters()
-        work = Work(forward_tokens, units, unit_tokens, steps_after - steps, saves_after > saves)
+        work = Work(forward_tokens, backward.units, backward.tokens, steps_after - steps,
+                    saves_after > saves or backward.captures > 0, graphed, backward.eager)
         for done, seconds in self.clock.stop(work):
             self.cost.observe(done, seconds)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
-        self.last_step = StepStats(inference_tokens - decode, decode, forward_tokens - inference_tokens, units,
-                                   unit_tokens, time.perf_counter() - start)
+        self.last_step = StepStats(inference_tokens - decode, decode, forward_tokens - inference_tokens,
+                                   backward.units, backward.tokens, time.perf_counter() - start, backward.eager,
+                                   backward.captures, graphed)
         return outputs
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:

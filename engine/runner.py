@@ -202,25 +202,28 @@ class DecodeGraphs:
 @dataclass
 class StepResult:
     """Per sampling chunk (in order): its sequence, token, logprob and whether its logits were unusable; per
-    finetuning chunk its kept activations (each layer's input, then the final hidden state)."""
+    finetuning chunk its kept activations ([num_layers + 1, length, hidden]: each layer's input, then the final
+    hidden state); whether the forward was a CUDA graph's replay."""
 
     seqs: list[Sequence]
     tokens: list[int]
     logprobs: list[float]
     bad: list[bool]
-    kept: list[list[torch.Tensor]]
+    kept: list[torch.Tensor]
+    graphed: bool = False
 
 
 class InFlight:
     """An iteration queued on the device; `result()` waits for its sampled tokens (one copy to the host)."""
 
-    def __init__(self, seqs: list[Sequence], sampled: SampledOnHost | None, kept: list[list[torch.Tensor]]):
-        self.seqs, self.sampled, self.kept = seqs, sampled, kept
+    def __init__(self, seqs: list[Sequence], sampled: SampledOnHost | None, kept: list[torch.Tensor],
+                 graphed: bool):
+        self.seqs, self.sampled, self.kept, self.graphed = seqs, sampled, kept, graphed
 
     def result(self) -> StepResult:
         if self.sampled is None:
-            return StepResult([], [], [], [], self.kept)
-        return StepResult(self.seqs, *self.sampled.wait(), self.kept)
+            return StepResult([], [], [], [], self.kept, self.graphed)
+        return StepResult(self.seqs, *self.sampled.wait(), self.kept, self.graphed)
 
 
 class Runner:
@@ -240,14 +243,22 @@ class Runner:
         if self.graphs is not None:
             self.graphs.capture_all()
 
+    def decode_only(self, chunks: list[Chunk]) -> bool:
+        """An iteration of one sampling token per sequence, which runs from the persistent decode inputs."""
+        return 0 < len(chunks) <= self.decode.max_batch and all(c.length == 1 and c.samples for c in chunks)
+
+    def graphed(self, chunks: list[Chunk]) -> bool:
+        """Whether `launch(chunks)` replays a CUDA graph."""
+        return self.graphs is not None and self.decode_only(chunks)
+
     @torch.no_grad()
     def launch(self, chunks: list[Chunk]) -> InFlight:
         """Queue the iteration's forward and sampling without waiting for the device: a decode-only iteration
         from the persistent inputs (a CUDA graph replay where there is one), any other eagerly."""
         sampling = [c.seq for c in chunks if c.samples]
-        kept: list[list[torch.Tensor]] = []
+        kept: list[torch.Tensor] = []
         cfg = self.model.cfg
-        if len(sampling) == len(chunks) <= self.decode.max_batch and all(c.length == 1 for c in chunks):
+        if self.decode_only(chunks):
             b = len(chunks)
             bs = self.graphs.padded(b) if self.graphs is not None else b
             with_lora = self.decode.fill(chunks, self.blocks.tables, bs)
@@ -265,6 +276,7 @@ class Runner:
             row = 0
             for c in chunks:
                 if c.finetune:
-                    kept.append([h[row:row + c.length] for h in batch.captured])
+                    kept.append(batch.captured[:, row:row + c.length])
                     row += c.length
-        return InFlight(sampling, self.sampler.sample(logits, params) if sampling else None, kept)
+        return InFlight(sampling, self.sampler.sample(logits, params) if sampling else None, kept,
+                        self.graphed(chunks))

@@ -17,22 +17,27 @@ from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.sampling import SamplingParams
 
-TRUE = (0.004, 2e-5, 0.0015, 3e-6, 0.002)
+# eager forward, per forward token, replayed unit, per unit token, optimizer step, replayed decode graph, eager unit
+TRUE = (0.004, 2e-5, 0.0015, 3e-6, 0.002, 0.001, 0.005)
 
 
 def true_seconds(w: Work) -> float:
-    return (TRUE[0] * (w.forward_tokens > 0) + TRUE[1] * w.forward_tokens + TRUE[2] * w.units
-            + TRUE[3] * w.unit_tokens + TRUE[4] * w.optimizer_steps)
+    forward = w.forward_tokens > 0
+    return (TRUE[0] * (forward and not w.graphed_forward) + TRUE[1] * w.forward_tokens + TRUE[2] * w.units
+            + TRUE[3] * w.unit_tokens + TRUE[4] * w.optimizer_steps + TRUE[5] * (forward and w.graphed_forward)
+            + TRUE[6] * w.eager_units)
 
 
 def random_work(rng: random.Random) -> Work:
     units = rng.randint(0, 6)
-    return Work(rng.choice([0, rng.randint(1, 2048)]), units, units * rng.randint(16, 1024),
-                int(units > 0 and rng.random() < 0.2))
+    graphed = rng.random() < 0.3
+    tokens = rng.randint(1, 64) if graphed else rng.choice([0, rng.randint(1, 2048)])
+    return Work(tokens, units, units * rng.randint(16, 1024), int(units > 0 and rng.random() < 0.2),
+                graphed_forward=graphed, eager_units=rng.randint(0, units))
 
 
 def test_a_wrong_prior_is_corrected_by_measured_iterations():
-    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, 0.0, learn=True)   # ten times too slow, and steps free
+    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, 0.0, 0.01, 0.0, learn=True)   # ten times too slow, steps free
     rng = random.Random(0)
     for _ in range(20 * REFIT_EVERY):
         w = random_work(rng)
@@ -42,6 +47,8 @@ def test_a_wrong_prior_is_corrected_by_measured_iterations():
     assert cost.error < 0.05
     w = Work(512, 3, 1536)
     assert cost.forward_s(512) == pytest.approx(TRUE[0] + 512 * TRUE[1], rel=0.06)
+    assert cost.forward_s(64, graphed=True) == pytest.approx(TRUE[5] + 64 * TRUE[1], rel=0.06)
+    assert cost.unit_s(256, eager=True) == pytest.approx(TRUE[2] + TRUE[6] + 256 * TRUE[3], rel=0.06)
     assert cost.predict(w) == pytest.approx(true_seconds(w), rel=0.05)
 
 
@@ -67,7 +74,7 @@ def test_coefficients_never_go_negative_and_unexercised_ones_keep_the_prior():
     rng = random.Random(2)
     for _ in range(4 * REFIT_EVERY):
         w = random_work(rng)
-        w = Work(w.forward_tokens, w.units, w.unit_tokens)
+        w = Work(w.forward_tokens, w.units, w.unit_tokens, graphed_forward=False)
         cost.observe(w, 1e-5 * w.forward_tokens + 1e-3)   # units cost nothing; no optimizer step ran
     assert all(p >= 0 for p in cost.params())
     assert cost.step_s == 0.003

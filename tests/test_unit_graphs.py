@@ -45,6 +45,47 @@ def test_graphed_units_train_the_same_adapter_as_eager_units(llama_dir, tmp_path
         torch.testing.assert_close(graphed[name], value, rtol=tol, atol=tol)
 
 
+def train_beside_inference(model_dir, data_root, graphs: bool) -> tuple[dict, dict]:
+    """A job trained while decode requests run in every iteration; counts of its units by how they ran."""
+    from coserve.engine.sampling import SamplingParams
+
+    engine = make_engine(model_dir, data_root=str(data_root), device="cuda", dtype="float32", cuda_graphs=graphs,
+                         fast_path=True, num_kv_blocks=256, tpot_slo_ms=1e6, cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
+    spec = JobSpec.model_validate({
+        "id": f"s{int(graphs)}", "dataset": {"path": "data.jsonl", "format": "text"}, "output": f"served{int(graphs)}",
+        "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS},
+        "training": {"optimizer": "adamw", "lr": 1e-2, "max_steps": 3, "shuffle": False, "seed": 1}})
+    job = build_job(engine, spec)
+    for i in range(4):
+        engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    engine.finetune.add(job)
+    counts = {"served": 0, "eager": 0, "captured": 0}
+    while job.active:
+        engine.step()
+        s = engine.last_step
+        assert s.prefill_tokens or s.decode_tokens, "inference runs in every iteration of this test"
+        counts["served"] += s.backward_units
+        counts["eager"] += s.eager_units
+        counts["captured"] += s.unit_captures
+    assert job.state is JobState.SUCCEEDED, job.error
+    return {k: v.detach().clone() for k, v in job.adapter.named_parameters().items()}, counts
+
+
+def test_units_beside_inference_are_captured_and_replayed(llama_dir, tmp_path):
+    """Units that share iterations with inference are captured where the iteration has room and replayed after
+    (one grid of spans per sequence length), training the adapter that eager units train under the same load."""
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": "units ride beside decode tokens " * 4})
+                                                    for _ in range(3)) + "\n")
+    eager, _ = train_beside_inference(llama_dir, tmp_path, False)
+    graphed, counts = train_beside_inference(llama_dir, tmp_path, True)
+    layers = len(eager) // (2 * len(TARGETS))
+    assert counts["captured"] == layers, "one graph per layer: every sequence has the same grid"
+    assert counts["eager"] == 3, "only the loss head (one unit a sequence) runs eagerly"
+    assert counts["served"] == 3 * (layers + 1)
+    for name, value in eager.items():
+        torch.testing.assert_close(graphed[name], value, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_gradients_on_the_gpu_match_peft_autograd(llama_dir, tmp_path):
     """The fast path (Triton forward, SDPA units, blocked loss, graphs) in bf16 against PEFT's bf16 autograd."""
     from peft import PeftModel

@@ -1,14 +1,15 @@
 """Token-level backward of one finetuning sequence, as small units that fit into any iteration.
 
-The forward ran in chunks inside the serving batches and kept, per chunk, each layer's input and the final
-hidden state; keys and values sit in the paged KV cache. Backward then runs units top layer first and, within
-a layer, last chunk first. Unit (l, k) recomputes layer l for chunk k with autograd, attending to the cached
-keys of earlier tokens as leaves: their gradients go to dK/dV accumulators, which are complete for chunk k's
-own keys when its unit runs, because every later chunk has already run. A unit may also take several
-consecutive chunks of a layer at once (one fixed cost instead of several) when the iteration has room. Exact,
-with no autograd graph kept between units."""
+The forward ran in chunks inside the serving batches and kept each layer's input and the final hidden state in one
+buffer for the sequence; keys and values sit in the paged KV cache. Backward then runs units top layer first and,
+within a layer, last span first. Unit (l, s) recomputes layer l for span s with autograd, attending to the cached
+keys of earlier positions as leaves: their gradients go to dK/dV accumulators, which are complete for span s's
+own keys when its unit runs, because every later span has already run. Spans form a fixed grid per sequence, so
+a unit's shape recurs (layer by layer, sequence after sequence) and runs as a CUDA graph. Exact, with no autograd
+graph kept between units."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,127 +24,131 @@ from coserve.kernels.paged_attention import causal_attention_sdpa, gather_kv
 
 
 @dataclass
-class SavedChunk:
+class Span:
+    """Positions [start, start + length) of a sequence: a forward chunk, or a backward unit of each layer."""
+
     start: int
     length: int
-    inputs: list[torch.Tensor]   # each layer's input, then the final hidden state: [length, hidden] each
-    dropout: Callable | None = None  # the chunk's LoRA dropout, drawn again identically here
+    dropout: Callable | None = None  # the chunk's LoRA dropout, drawn again identically in its backward
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def grid_spans(length: int, span: int) -> list[Span]:
+    """Units of `span` positions from the sequence's start: the same grid for every layer and for every sequence of
+    this length, so a unit's shape recurs and its CUDA graph is replayed."""
+    return [Span(a, min(span, length - a)) for a in range(0, length, span)]
 
 
 @dataclass
 class SequenceBackward:
-    """Backward progress of one sequence; `run_unit` advances it by one unit: a layer for one chunk, or for
-    several consecutive chunks when the iteration has room for them."""
+    """Backward progress of one sequence; `run_unit` advances it by one unit (a layer over one span). Spans are
+    fixed per sequence: a grid independent of how the forward was chunked, or the chunks themselves when LoRA
+    dropout applies (each chunk's masks are drawn for its own shape)."""
 
     model: CausalLM
     adapter: TrainAdapter
-    chunks: list[SavedChunk]
+    acts: torch.Tensor                    # [num_layers + 1, tokens, hidden]: each layer's input, then the final hidden
+    spans: list[Span]
     labels: list[int]
     block_table: torch.Tensor
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     loss_scale: float                     # 1 / (targets in the optimizer step)
     graphs: "UnitGraphs | None" = None    # CUDA graphs of layer units (CUDA fast path)
     layer: int = -1                       # -1: the head (loss) units; then num_layers-1 .. 0
-    chunk: int = -1                       # index into chunks of the next unit
-    grad_out: dict[int, torch.Tensor] = field(default_factory=dict)
-    grad_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    span: int = -1                        # index into spans of the next unit
+    grad_out: torch.Tensor | None = None  # dL/d(output of the current layer), [tokens, hidden]
+    grad_in: torch.Tensor | None = None   # dL/d(its input), filled span by span
     dk: torch.Tensor | None = None
     dv: torch.Tensor | None = None
     loss_sum: float = 0.0
     targets: int = 0
 
     def __post_init__(self) -> None:
-        self.chunk = len(self.chunks) - 1
-        total, cfg = self.chunks[-1].start + self.chunks[-1].length, self.model.cfg
-        device = self.kv_caches[0][0].device
-        self.dk = torch.zeros(total, cfg.num_kv_heads, cfg.head_dim, device=device)
+        self.span = len(self.spans) - 1
+        total, cfg = self.acts.shape[1], self.model.cfg
+        self.dk = torch.zeros(total, cfg.num_kv_heads, cfg.head_dim, device=self.acts.device)
         self.dv = torch.zeros_like(self.dk)
+        self.grad_out = torch.empty_like(self.acts[0])
+        self.grad_in = torch.empty_like(self.grad_out)
 
     @property
     def done(self) -> bool:
         return self.layer == -2
 
-    def _unit_chunks(self, max_tokens: int) -> range:
-        """The next unit's chunks: the next one, merged with the earlier ones of the same layer while the unit
-        stays within `max_tokens` (fewer, larger units cost less where each unit's fixed cost dominates).
-        Chunks with LoRA dropout run alone, each with its own masks."""
-        last = first = self.chunk
-        tokens = self.chunks[last].length
-        while (first > 0 and self.chunks[first].dropout is None and self.chunks[first - 1].dropout is None
-               and tokens + self.chunks[first - 1].length <= max_tokens):
-            first -= 1
-            tokens += self.chunks[first].length
-        return range(first, last + 1)
+    def next_unit_tokens(self) -> int:
+        return 0 if self.done else self.spans[self.span].length
 
-    def next_unit_tokens(self, max_tokens: int = 0) -> int:
-        return sum(self.chunks[k].length for k in self._unit_chunks(max_tokens))
+    @property
+    def next_is_last(self) -> bool:
+        """The next unit finishes the sequence's backward."""
+        return self.layer == 0 and self.span == 0
 
-    def run_unit(self, max_tokens: int = 0) -> None:
-        """Advance by one unit of up to `max_tokens` tokens (always at least one chunk)."""
-        ks = self._unit_chunks(max_tokens)
+    def next_graphed(self) -> bool | None:
+        """Whether the next unit replays a CUDA graph (True), could be captured (False), or runs eagerly (None)."""
+        if self.graphs is None or self.layer < 0 or self.spans[self.span].dropout is not None:
+            return None
+        return self.graphs.has(self._key(self.layer, self.spans[self.span]))
+
+    def _key(self, layer: int, span: Span) -> tuple[int, int, int, int]:
+        return layer, span.length, span.start, self.block_table.shape[0]
+
+    def run_unit(self, capture: bool = False) -> None:
+        """Advance by one unit; `capture`: a unit without a graph yet is captured now (else it runs eagerly)."""
+        span = self.spans[self.span]
         with torch.enable_grad():
             if self.layer == -1:
-                self._head_unit(ks)
+                self._head_unit(span)
             else:
-                self._layer_unit(self.layer, ks)
-        self.chunk = ks.start - 1
-        if self.chunk < 0:
+                self._layer_unit(self.layer, span, capture)
+        self.span -= 1
+        if self.span < 0:
             self._next_layer()
 
     def _next_layer(self) -> None:
         if self.layer == -1:
             self.layer = self.model.cfg.num_layers - 1
         else:
-            self.grad_out, self.grad_in = self.grad_in, {}
+            self.grad_out, self.grad_in = self.grad_in, self.grad_out
             self.layer = self.layer - 1 if self.layer > 0 else -2
-        self.chunk = len(self.chunks) - 1
+        self.span = len(self.spans) - 1
         if self.done:
-            self.chunks.clear()
-            self.grad_out.clear()
-            self.dk = self.dv = None
+            self.acts = self.grad_out = self.grad_in = self.dk = self.dv = None
         else:
             self.dk.zero_()
             self.dv.zero_()
 
-    def _span(self, ks: range, layer: int) -> tuple[int, int, torch.Tensor]:
-        """(start, length, the saved inputs of `layer` for the chunks `ks`, joined, as a leaf needing grad)."""
-        chunks = [self.chunks[k] for k in ks]
-        x = torch.cat([c.inputs[layer] for c in chunks]).detach().requires_grad_()
-        return chunks[0].start, sum(c.length for c in chunks), x
-
-    def _split(self, grad: torch.Tensor, ks: range) -> dict[int, torch.Tensor]:
-        return dict(zip(ks, grad.split([self.chunks[k].length for k in ks])))
-
-    def _head_unit(self, ks: range) -> None:
-        """Loss of the unit's positions (labels shifted over the whole sequence) and dL/d(final hidden), the
+    def _head_unit(self, span: Span) -> None:
+        """Loss of the span's positions (labels shifted over the whole sequence) and dL/d(final hidden), the
         vocabulary projection taken a block of rows at a time (no [tokens, vocab] logits kept)."""
-        start, length, h = self._span(ks, -1)
+        h = self.acts[-1, span.start:span.end].detach().requires_grad_()
         normed = self.model.model.norm(h)[0]
-        targets = self.labels[start + 1:start + length + 1]
-        targets = torch.tensor(targets + [IGNORE] * (length - len(targets)), device=h.device)
+        targets = self.labels[span.start + 1:span.end + 1]
+        targets = torch.tensor(targets + [IGNORE] * (span.length - len(targets)), device=h.device)
         loss, grad = linear_cross_entropy(normed.detach(), self.model.lm_head.weight, targets, self.loss_scale)
         normed.backward(grad)
         self.loss_sum += float(loss)
         self.targets += int((targets != IGNORE).sum())
-        self.grad_out.update(self._split(h.grad, ks))
+        self.grad_out[span.start:span.end] = h.grad
 
-    def _layer_unit(self, layer_idx: int, ks: range) -> None:
-        """Recompute layer `layer_idx` for the unit's chunks and send the gradients back: to the layer input, to
-        the LoRA parameters, and to the keys/values of earlier positions (the dK/dV sums). Replayed from a CUDA
-        graph when the unit's shape has been seen (and no dropout applies)."""
-        start, length, x = self._span(ks, layer_idx)
-        span = slice(start, start + length)
-        grad_out = torch.cat([self.grad_out[k] for k in ks])
-        dropout = self.chunks[ks.start].dropout if len(ks) == 1 else None
+    def _layer_unit(self, layer_idx: int, span: Span, capture: bool) -> None:
+        """Recompute layer `layer_idx` for the span and send the gradients back: to the layer input, to the LoRA
+        parameters, and to the keys/values of earlier positions (the dK/dV sums). Replayed from a CUDA graph
+        where there is one (or `capture` makes one)."""
+        start, end = span.start, span.end
         params = self.adapter.layer_parameters(layer_idx)
-        inputs = LayerInputs(x, self.block_table, grad_out, self.dk[span], self.dv[span])
-        if self.graphs is not None and dropout is None:
-            grads = self.graphs.run(self, layer_idx, start, inputs, params)
+        inputs = LayerInputs(self.acts[layer_idx, start:end], self.block_table, self.grad_out[start:end],
+                             self.dk[start:end], self.dv[start:end])
+        if self.graphs is not None and span.dropout is None and (capture or self.graphs.has(self._key(layer_idx,
+                                                                                                       span))):
+            grads = self.graphs.run(self, self._key(layer_idx, span), inputs, params)
         else:
             grads = layer_grads(self.model, layer_idx, self.kv_caches[layer_idx], self.adapter, start, inputs,
-                                params, dropout)
+                                params, span.dropout)
         x_grad, past_k_grad, past_v_grad, param_grads = grads
-        self.grad_in.update(self._split(x_grad.clone() if self.graphs is not None else x_grad, ks))
+        self.grad_in[start:end] = x_grad
         if start:
             self.dk[:start] += past_k_grad
             self.dv[:start] += past_v_grad
@@ -201,58 +206,63 @@ class _Captured:
 
 
 class UnitGraphs:
-    """CUDA graphs of layer units, one per (layer, tokens, start, blocks) seen twice: a unit is hundreds of small kernels
-    whose launches, not their work, bound a unit's time. Inputs are copied into static buffers shared by the
-    graphs of a shape; outputs live in one memory pool and are consumed before the next replay."""
+    """CUDA graphs of layer units, one per (layer, tokens, start, blocks): a unit is hundreds of small kernels whose
+    launches, not their work, bound its time. Inputs are copied into static buffers shared by the graphs of a shape;
+    outputs live in one memory pool and are consumed before the next replay. Past `max_graphs` the least recently
+    used graph is dropped (sequences of many lengths)."""
 
     def __init__(self, max_graphs: int = 512):
         self.max_graphs = max_graphs
-        self.graphs: dict[tuple[int, int, int, int], _Captured] = {}   # (layer, tokens, start, table length)
+        self.graphs: OrderedDict[tuple[int, int, int, int], _Captured] = OrderedDict()
         self.statics: dict[tuple[int, int, int], LayerInputs] = {}
-        self.seen: set[tuple[int, int, int, int]] = set()
         self.pool = None
-        self.capture_allowed = True   # capturing costs two units' time: never in an iteration serving inference
+        self.side: torch.cuda.Stream | None = None   # one warm-up stream, so its cached blocks are reused
+        self.warmed: set[tuple[int, int, int]] = set()  # shapes already run once outside a capture
+        self.captures = self.replays = 0
 
-    def run(self, bwd: "SequenceBackward", layer_idx: int, start: int, inputs: LayerInputs,
+    def has(self, key: tuple[int, int, int, int]) -> bool:
+        return key in self.graphs
+
+    def run(self, bwd: "SequenceBackward", key: tuple[int, int, int, int], inputs: LayerInputs,
             params: list[torch.Tensor]) -> tuple:
-        key = (layer_idx, inputs.x.shape[0], start, inputs.block_table.shape[0])
+        """Replay the unit's graph (capturing it first if it has none) on these inputs."""
         cached = self.graphs.get(key)
         if cached is None:
-            if key not in self.seen or len(self.graphs) >= self.max_graphs or not self.capture_allowed:
-                if len(self.seen) >= 8 * self.max_graphs:   # shapes of co-served units rarely repeat: forget them
-                    self.seen.clear()
-                self.seen.add(key)
-                return layer_grads(bwd.model, layer_idx, bwd.kv_caches[layer_idx], bwd.adapter, start, inputs, params)
-            cached = self._capture(bwd, layer_idx, start, inputs, params)
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
+            cached = self.graphs[key] = self._capture(bwd, key, inputs, params)
+            self.captures += 1
+        self.graphs.move_to_end(key)
         static = cached.inputs
         for dst, src in ((static.x, inputs.x), (static.grad_out, inputs.grad_out), (static.dk, inputs.dk),
                          (static.dv, inputs.dv)):
             dst.copy_(src)
         static.block_table.copy_(inputs.block_table)
         cached.graph.replay()
+        self.replays += 1
         return cached.outputs
 
-    def _capture(self, bwd: "SequenceBackward", layer_idx: int, start: int, inputs: LayerInputs,
+    def _capture(self, bwd: "SequenceBackward", key: tuple[int, int, int, int], inputs: LayerInputs,
                  params: list[torch.Tensor]) -> _Captured:
-        shape = (inputs.x.shape[0], start, inputs.block_table.shape[0])
-        static = self.statics.get(shape)
+        layer_idx, _, start, _ = key
+        static = self.statics.get(key[1:])
         if static is None:
             static = LayerInputs(inputs.x.clone(), inputs.block_table.clone(), inputs.grad_out.clone(),
                                  inputs.dk.clone(), inputs.dv.clone())
-            self.statics[shape] = static
+            self.statics[key[1:]] = static
 
         def fn() -> tuple:
             return layer_grads(bwd.model, layer_idx, bwd.kv_caches[layer_idx], bwd.adapter, start, static, params)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()                                     # warm-up outside the graph (workspace allocations)
-        torch.cuda.current_stream().wait_stream(side)
+        if key[1:] not in self.warmed:   # plans and workspaces are made outside the capture, once per shape
+            side = self.side = self.side or torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed.add(key[1:])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = fn()
         self.pool = graph.pool()
-        captured = _Captured(graph, static, outputs)
-        self.graphs[(layer_idx, inputs.x.shape[0], start, inputs.block_table.shape[0])] = captured
-        return captured
+        return _Captured(graph, static, outputs)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from coserve.engine.finetune.adapter import TrainAdapter
-from coserve.engine.finetune.backward import SavedChunk, SequenceBackward, UnitGraphs
+from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs, grid_spans
 from coserve.engine.finetune.checkpoint import Checkpoint, ResumeState, all_finite, retained, save_checkpoint
 from coserve.engine.finetune.dataset import Example, epoch_order
 from coserve.engine.finetune.dropout import ChunkDropout
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from coserve.engine.engine import LLMEngine
 
 log = logging.getLogger("coserve.finetune")
+
+UNIT_SHARE = 0.5    # a backward unit takes at most this share of the latency target, leaving the rest to inference
+MIN_SPAN = 16       # tokens of the smallest unit grid (smaller units are all fixed cost)
 
 
 class JobState(str, enum.Enum):
@@ -92,7 +95,8 @@ class FinetuneJob:
         self.slot: int | None = None
         self.seq: Sequence | None = None          # the sequence in flight
         self.labels: list[int] = []
-        self.saved: list[SavedChunk] = []
+        self.acts: torch.Tensor | None = None     # the sequence's kept layer inputs, [num_layers + 1, tokens, hidden]
+        self.chunks: list[Span] = []              # its forward chunks so far
         self.backward: SequenceBackward | None = None
         self.unit_graphs: UnitGraphs | None = None    # this job's layer units as CUDA graphs (its adapter's tensors)
         self.seq_in_step = 0
@@ -154,7 +158,7 @@ class FinetuneJob:
         if self.seq is not None:
             self.engine.blocks.release(self.seq.request_id)
             self.seq = None
-        self.backward, self.saved, self.unit_graphs = None, [], None
+        self.backward, self.acts, self.chunks, self.unit_graphs = None, None, [], None
         if self.slot is not None:
             self.engine.loras.release_training_slot(self.slot)
             self.slot = None
@@ -228,6 +232,9 @@ class FinetuneJob:
         blocks.allocate(rid, len(example.ids))
         self.seq = Sequence(rid, example.ids, SamplingParams(max_tokens=1), adapter_slot=self.slot)
         self.labels = example.labels
+        cfg, weight = self.engine.model_config, self.engine.model.lm_head.weight
+        self.acts = weight.new_empty(cfg.num_layers + 1, len(example.ids), cfg.hidden_size)
+        self.chunks = []
         return True
 
     def forward_tokens_left(self) -> int:
@@ -242,26 +249,38 @@ class FinetuneJob:
     def dropout_key(self) -> str:
         return f"{self.spec.training.seed}:{self.step}:{self.seq_in_step}"
 
-    def forward_done(self, chunk: Chunk, captured: list[torch.Tensor]) -> None:
+    def forward_done(self, chunk: Chunk, captured: torch.Tensor) -> None:
+        """Keep the chunk's layer inputs; after the last chunk, set up the sequence's backward."""
         self.seq.num_computed += chunk.length
-        self.saved.append(SavedChunk(chunk.start, chunk.length, captured, chunk.dropout))
+        self.acts[:, chunk.start:chunk.start + chunk.length] = captured
+        self.chunks.append(Span(chunk.start, chunk.length, chunk.dropout))
         self.tokens += chunk.length
         if self.seq.num_uncomputed == 0:
             table = torch.tensor(self.engine.blocks.tables[self.seq.request_id], dtype=torch.long,
                                  device=self.engine.kv_caches[0][0].device)
-            self.backward = SequenceBackward(self.engine.model, self.adapter, self.saved, self.labels, table,
+            length = self.seq.num_tokens
+            spans = self.chunks if any(c.dropout is not None for c in self.chunks) else grid_spans(length, self.unit_span(length))
+            self.backward = SequenceBackward(self.engine.model, self.adapter, self.acts, spans, self.labels, table,
                                              self.engine.kv_caches, 1.0 / max(1, self.step_targets),
                                              self.unit_graphs)
-            self.saved = []
+            self.acts, self.chunks = None, []
 
-    def backward_unit_tokens(self, max_tokens: int) -> int:
-        return 0 if self.backward is None else self.backward.next_unit_tokens(max_tokens)
+    def unit_span(self, length: int) -> int:
+        """Positions per backward unit: the whole sequence when a unit of it fits in its share of the target,
+        else the largest power of two that does (so spans, hence graph shapes, recur), at least MIN_SPAN."""
+        eng = self.engine
+        fit = eng.cost.unit_tokens_within(UNIT_SHARE * eng.config.tpot_slo_ms / 1000, length)
+        if fit >= length:
+            return length
+        return min(length, max(MIN_SPAN, 1 << max(0, fit.bit_length() - 1)))
 
-    def run_backward_unit(self, max_tokens: int, serving: bool = False) -> None:
-        """One backward unit; `serving`: inference shares this iteration, so no CUDA graph is captured now."""
-        if self.unit_graphs is not None:
-            self.unit_graphs.capture_allowed = not serving
-        self.backward.run_unit(max_tokens)
+    def unit_ends_step(self) -> bool:
+        """The next backward unit is the last of the optimizer step (the step runs right after it)."""
+        return self.backward.next_is_last and self.seq_in_step + 1 == len(self._sequence_indices(self.step))
+
+    def run_backward_unit(self, capture: bool = False) -> None:
+        """One backward unit; `capture`: a unit that has no CUDA graph yet gets one now."""
+        self.backward.run_unit(capture)
         if self.backward.done:
             self.step_loss += self.backward.loss_sum
             self.engine.blocks.release(self.seq.request_id)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from coserve.engine.finetune.dataset import IGNORE
 
-BLOCK_BYTES = 256 * 2**20          # fp32 logits of one block of rows
+BLOCK_BYTES = 64 * 2**20           # fp32 logits of one block of rows
 
 
 def linear_cross_entropy_torch(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

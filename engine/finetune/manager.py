@@ -6,8 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from coserve.engine.cost_model import CostModel
 from coserve.engine.finetune.adapter import lora_shapes
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
     from coserve.engine.engine import LLMEngine
 
 log = logging.getLogger("coserve.finetune")
+
+CAPTURE_COST = 3   # capturing a unit's graph (a warm-up, the capture, the replay) costs about this many eager units
 
 
 class JobError(ValueError):
@@ -312,50 +317,66 @@ class FinetuneManager:
             log.exception("finetuning job %s failed", job.spec.id)
             job.fail(f"{type(exc).__name__}: {exc}")
 
-    def plan_forward(self, time_left: float, token_room: int, cost: CostModel, fixed_paid: bool) -> list[Chunk]:
-        """Forward chunks of the jobs' sequences that fit in the time and tokens left this iteration. With no
-        inference in the iteration (nothing to protect) one chunk goes ahead even past the target."""
+    def plan_forward(self, budget: float, inference_tokens: int, token_room: int, cost: CostModel) -> list[Chunk]:
+        """Forward chunks of the jobs' sequences that fit, with the iteration's inference tokens, in one eager forward
+        within `budget`. With no inference in the iteration (nothing to protect) one chunk goes ahead even past the
+        target."""
         chunks: list[Chunk] = []
         reserve = int(self.engine.blocks.num_blocks * self.kv_reserve)
+        fits = cost.forward_tokens_within(budget, fixed_paid=False)
+        used = inference_tokens
         for job in self.active():
             if job.seq is None and not job.begin_sequence(reserve):
                 continue
             if not job.forward_tokens_left():
                 continue
-            n = min(token_room, cost.forward_tokens_within(time_left, fixed_paid or bool(chunks)))
-            if n < 1 and not fixed_paid and not chunks:
+            n = min(token_room, fits - used)
+            if n < 1 and not inference_tokens and not chunks:
                 n = token_room
             if n < 1:
                 continue
             chunk = job.next_chunk(n)
             chunks.append(chunk)
             token_room -= chunk.length
-            pays_fixed = not fixed_paid and len(chunks) == 1
-            time_left -= cost.forward_s(chunk.length) - (0.0 if pays_fixed else cost.forward_s(0))
+            used += chunk.length
         return chunks
 
-    def forward_done(self, chunks: list[Chunk], kept: list[list]) -> None:
+    def forward_done(self, chunks: list[Chunk], kept: list[torch.Tensor]) -> None:
         for chunk, acts in zip(chunks, kept):
             job = self.jobs[chunk.seq.request_id.split(":")[1]]
             self._guard(job, lambda: job.forward_done(chunk, acts))
 
-    def run_backward(self, time_left: float, cost: CostModel, must_progress: bool) -> tuple[int, int]:
-        """Run backward units while their predicted cost fits in what is left of the iteration, each merging
-        as many chunks of a layer as fit; with `must_progress` (no inference this iteration) at least one runs.
-        Returns how many ran and their tokens."""
-        ran = tokens = 0
+    def run_backward(self, time_left: float, cost: CostModel, must_progress: bool) -> BackwardWork:
+        """Run backward units while their predicted cost fits in what is left of the iteration; with
+        `must_progress` (no inference this iteration) at least one runs. A unit without a CUDA graph gets one
+        where the iteration has room for the capture (always when nothing is served), else runs eagerly."""
+        done = BackwardWork()
         for job in self.active():
-            while job.active and job.backward_unit_tokens(0):
-                most = job.seq.num_tokens
-                room = cost.unit_tokens_within(time_left, most)
-                size = job.backward_unit_tokens(room)
-                unit = cost.unit_s(size)
-                if unit > time_left and not (must_progress and ran == 0):
+            while job.active and job.backward is not None:
+                tokens, graphed = job.backward.next_unit_tokens(), job.backward.next_graphed()
+                capture_s = CAPTURE_COST * cost.unit_s(tokens, eager=True)
+                capture = graphed is False and (must_progress or capture_s <= time_left)
+                seconds = capture_s if capture else cost.unit_s(tokens, eager=not graphed)
+                if job.unit_ends_step():
+                    seconds += cost.step_s * cost.margin
+                if seconds > time_left and not (must_progress and done.units == 0):
                     break
-                self._guard(job, lambda: job.run_backward_unit(room, serving=not must_progress))
-                time_left -= unit
-                ran += 1
-                tokens += size
+                self._guard(job, lambda: job.run_backward_unit(capture))
+                time_left -= seconds
+                done.units += 1
+                done.tokens += tokens
+                done.eager += not graphed and not capture
+                done.captures += capture
         self.turn += 1
         self._activate()
-        return ran, tokens
+        return done
+
+
+@dataclass
+class BackwardWork:
+    """The backward units one iteration ran: how many, their tokens, how many ran eagerly, how many were captured."""
+
+    units: int = 0
+    tokens: int = 0
+    eager: int = 0
+    captures: int = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ class ForwardBatch:
     lora: LoRABatch
     logits_indices: torch.Tensor     # rows whose logits are wanted
     capture_rows: torch.Tensor | None = None   # rows whose layer inputs finetuning keeps
-    captured: list[torch.Tensor] = field(default_factory=list)  # per layer input, then the final hidden state
+    captured: torch.Tensor | None = None       # [num_layers + 1, rows, hidden]: each layer's input, then the final
 
 
 def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -115,6 +115,14 @@ def stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     return hidden if residual is None else hidden + residual
 
 
+def keep_stream(hidden: torch.Tensor, residual: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """The stream's value at `rows`, written into `out` (rounded as `stream` rounds it)."""
+    if residual is None:
+        torch.index_select(hidden, 0, rows, out=out)
+    else:
+        torch.add(hidden.index_select(0, rows), residual.index_select(0, rows), out=out)
+
+
 class CausalLM(nn.Module):
     """Hugging Face names stay the outside view: `hf_tensors()` maps each checkpoint tensor to its slice of a
     merged parameter, and `lora_targets()` lists the adaptable projections by their Hugging Face module names."""
@@ -161,19 +169,20 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run the batch, writing its keys/values into the cache; returns logits [len(logits_indices), V].
-        Layer inputs of `capture_rows` (and their final hidden state) are appended to `batch.captured`."""
+        Layer inputs of `capture_rows` (and their final hidden state) are kept in `batch.captured`."""
         cfg, scale = self.cfg, self.cfg.head_dim ** -0.5
         hidden, residual = self.model.embed_tokens(batch.input_ids), None
         rows = batch.capture_rows
-        for layer, cache in zip(self.model.layers, kv_caches):
+        if rows is not None:
+            batch.captured = hidden.new_empty(cfg.num_layers + 1, rows.shape[0], cfg.hidden_size)
+        for i, (layer, cache) in enumerate(zip(self.model.layers, kv_caches)):
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return paged_attention(q, k, v, cache, batch.attn, scale, cfg.sliding_window, self.fast)
             if rows is not None:
-                batch.captured.append(stream(hidden.index_select(0, rows),
-                                             None if residual is None else residual.index_select(0, rows)))
+                keep_stream(hidden, residual, rows, batch.captured[i])
             hidden, residual = layer(hidden, residual, batch.positions, self.cos_sin, batch.lora, attend)
         if rows is not None:
-            batch.captured.append(stream(hidden.index_select(0, rows), residual.index_select(0, rows)))
+            keep_stream(hidden, residual, rows, batch.captured[-1])
         idx = batch.logits_indices
         x, _ = self.model.norm(hidden.index_select(0, idx), residual.index_select(0, idx))
         return self.lm_head(x).float()
