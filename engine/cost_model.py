@@ -29,7 +29,7 @@ class Work:
     units: int = 0               # backward units
     unit_tokens: int = 0         # their tokens
     optimizer_steps: int = 0
-    saved: bool = False          # a checkpoint was written or CUDA graphs captured (host time, not learned)
+    saved: bool = False          # a checkpoint was written or a CUDA graph captured (host time, not learned)
     graphed_forward: bool = False  # the forward replayed a decode CUDA graph (no per-kernel launches)
     eager_units: int = 0         # units that ran eagerly, not as graph replays
 
@@ -78,9 +78,10 @@ class CostModel:
         extra = self.eager_unit_s if eager else 0.0
         return (self.unit_fixed_s + extra + self.unit_per_token_s * tokens) * self.margin
 
-    def forward_tokens_within(self, seconds: float, fixed_paid: bool) -> int:
-        """How many more forward tokens fit in `seconds` (an eager forward's fixed cost included unless paid)."""
-        spare = seconds / self.margin - (0.0 if fixed_paid else self.fwd_fixed_s)
+    def forward_tokens_within(self, seconds: float, fixed_paid: bool, graphed: bool = False) -> int:
+        """How many more forward tokens fit in `seconds` (the forward's fixed cost included unless paid)."""
+        fixed = self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s
+        spare = seconds / self.margin - (0.0 if fixed_paid else fixed)
         return max(0, int(spare / max(self.fwd_per_token_s, 1e-12)))
 
     def unit_tokens_within(self, seconds: float, most: int) -> int:

@@ -62,7 +62,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
         self.loras = LoRARegistry(self.model, config.max_loras, config.max_lora_rank)
         self.runner = Runner(self.model, self.kv_caches, self.blocks, self.loras, config.device,
-                             config.cuda_graphs, config.max_num_seqs, self.max_model_len)
+                             config.cuda_graphs, config.max_num_seqs, self.max_model_len, config.max_batched_tokens,
+                             config.max_finetune_jobs)
         self.requests: dict[str, Sequence] = {}     # open requests: their last output is not emitted yet
         self._pending: list[tuple[Sequence, str | None, bool]] = []   # sampled tokens whose text waits
         self.eos_ids = set(self.model_config.eos_token_ids)
@@ -133,6 +134,7 @@ class LLMEngine:
         start = time.perf_counter()
         self.clock.start()
         steps, saves = self.finetune.counters()
+        captures = self.runner.captures()
         budget = self.config.tpot_slo_ms / 1000
         turn = self.mode.turn(self.scheduler.has_work(), self.finetune)
         chunks = self.scheduler.schedule() if turn.inference else []
@@ -140,7 +142,8 @@ class LLMEngine:
         ft_chunks: list = []
         if turn.finetune and self.finetune.has_work():
             room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
-            ft_chunks = self.finetune.plan_forward(budget, inference_tokens, room, self.cost)
+            ft_chunks = self.finetune.plan_forward(budget, inference_tokens, room, self.cost,
+                                                   self.runner.mixed is not None)
         forward_tokens = inference_tokens + sum(c.length for c in ft_chunks)
         graphed = self.runner.graphed(chunks + ft_chunks)
         left = budget - (self.cost.forward_s(forward_tokens, graphed) if forward_tokens else 0.0)
@@ -160,7 +163,8 @@ class LLMEngine:
             outputs += self._emit()
         steps_after, saves_after = self.finetune.counters()
         work = Work(forward_tokens, backward.units, backward.tokens, steps_after - steps,
-                    saves_after > saves or backward.captures > 0, graphed, backward.eager)
+                    saves_after > saves or backward.captures > 0 or self.runner.captures() > captures, graphed,
+                    backward.eager)
         for done, seconds in self.clock.stop(work):
             self.cost.observe(done, seconds)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))

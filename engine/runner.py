@@ -1,5 +1,6 @@
-"""Executes one planned iteration on the device: packs the chunks into a flat batch (or, for a decode-only
-iteration on a GPU, into the static buffers of a captured CUDA graph), runs the model and samples every row."""
+"""Executes one planned iteration on the device: packs the chunks into a flat batch (on a GPU, into the static
+buffers of a captured CUDA graph: per batch size for decode-only iterations, per token count for mixed ones), runs
+the model and samples every row."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,9 +30,30 @@ def chunk_slots(table: list[int], start: int, length: int, block_size: int) -> n
     return np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
 
 
-def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.device, all_logits: bool = False,
-                num_slots: int = 0, kv_heads: int = 1) -> ForwardBatch:
-    """Flatten the chunks; logits are kept for sampling rows only, unless `all_logits`."""
+@dataclass
+class Packed:
+    """The chunks of an iteration flattened on the host: per token, per sequence, and the rows that matter."""
+
+    ids: np.ndarray           # int64 [T]
+    positions: np.ndarray     # int64 [T]
+    slots: np.ndarray         # int64 [T]: KV cache slot of each token
+    token_lora: np.ndarray    # int32 [T]: serving adapter slot, -1 for none
+    starts: np.ndarray        # int32 [B+1]
+    seq_lens: np.ndarray      # int32 [B]
+    tables: list[list[int]]   # each sequence's block table
+    logit_rows: list[int]
+    capture: list[int]        # rows of finetuning chunks, whose layer inputs are kept
+    dropped: list[tuple[int, int, int, object]]   # (slot, first row, rows, dropout) of dropped-out chunks
+
+    def table_array(self, width: int | None = None) -> np.ndarray:
+        out = np.zeros((len(self.tables), width or max(map(len, self.tables))), dtype=np.int32)
+        for i, tb in enumerate(self.tables):
+            out[i, :len(tb)] = tb
+        return out
+
+
+def pack(chunks: list[Chunk], blocks: BlockManager, all_logits: bool = False) -> Packed:
+    """Flatten the chunks; logits are wanted for sampling rows only, unless `all_logits`."""
     ids, positions, slots, token_lora = [], [], [], []
     starts, seq_lens, tables, logit_rows, capture = [0], [], [], [], []
     dropped: list[tuple[int, int, int, object]] = []
@@ -56,24 +78,26 @@ def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.d
         seq_lens.append(end)
         row += c.length
         starts.append(row)
-    width = max(map(len, tables))
-    table_arr = np.zeros((len(tables), width), dtype=np.int32)
-    for i, tb in enumerate(tables):
-        table_arr[i, :len(tb)] = tb
+    return Packed(np.concatenate(ids), np.concatenate(positions), np.concatenate(slots),
+                  np.concatenate(token_lora), np.asarray(starts, dtype=np.int32),
+                  np.asarray(seq_lens, dtype=np.int32), tables, logit_rows, capture, dropped)
+
+
+def build_batch(chunks: list[Chunk], blocks: BlockManager, device: str | torch.device, all_logits: bool = False,
+                num_slots: int = 0, kv_heads: int = 1) -> ForwardBatch:
+    """The chunks as a forward batch of fresh device tensors (the eager path)."""
+    p = pack(chunks, blocks, all_logits)
 
     def t(values, dtype=torch.long) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values), dtype=dtype).to(device, non_blocking=True)
 
-    token_lora_t = t(np.concatenate(token_lora), torch.int32)
-    any_slot = bool(any(tl.size and tl[0] >= 0 for tl in token_lora))
-    lora = LoRABatch(token_lora_t, any_slot, num_slots,
-                     dropped=[DroppedGroup(s, torch.arange(r, r + n, device=device), d) for s, r, n, d in dropped])
-    lens = np.diff(starts)
-    attn = AttentionMetadata(t(np.concatenate(slots)), t(starts, torch.int32), t(seq_lens, torch.int32),
-                             t(table_arr, torch.int32), int(lens.max()), max(seq_lens),
+    lora = LoRABatch(t(p.token_lora, torch.int32), bool((p.token_lora >= 0).any()), num_slots,
+                     dropped=[DroppedGroup(s, torch.arange(r, r + n, device=device), d) for s, r, n, d in p.dropped])
+    lens = np.diff(p.starts)
+    attn = AttentionMetadata(t(p.slots), t(p.starts, torch.int32), t(p.seq_lens, torch.int32),
+                             t(p.table_array(), torch.int32), int(lens.max()), int(p.seq_lens.max()),
                              kv_splits(len(chunks), kv_heads) if lens.max() == 1 else 1)
-    return ForwardBatch(t(np.concatenate(ids)), t(np.concatenate(positions)), attn, lora, t(logit_rows),
-                        t(capture) if capture else None)
+    return ForwardBatch(t(p.ids), t(p.positions), attn, lora, t(p.logit_rows), t(p.capture) if p.capture else None)
 
 
 class DecodeInputs:
@@ -150,6 +174,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.lora_version = loras.version
         self.pool = None
+        self.captures = 0
 
     @torch.no_grad()
     def _capture(self, bs: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -192,11 +217,136 @@ class DecodeGraphs:
         key = (bs, with_lora)
         if key not in self.graphs:
             self.graphs[key] = self._capture(bs, with_lora)
+            self.captures += 1
             self.inputs.dev64.copy_(self.inputs.host64, non_blocking=True)
             self.inputs.dev32.copy_(self.inputs.host32, non_blocking=True)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:b]
+
+
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096)
+
+
+class MixedGraphs:
+    """CUDA graphs of iterations mixing prefill chunks, decode tokens and finetuning chunks, at padded token counts:
+    an eager forward launches hundreds of kernels from Python, which bounds a large model's mixed iterations by the
+    host. Every graph reads one set of static buffers (max tokens, max sequences): padding tokens write no KV (slot
+    -1) and belong to no sequence, padding sequences have no queries. Logits and the kept layer inputs of finetuning
+    rows land in static buffers shared by all graphs, read before the next replay."""
+
+    def __init__(self, model: CausalLM, kv_caches: list, loras: LoRARegistry, max_tokens: int, max_seqs: int,
+                 max_model_len: int, block_size: int, device: str, pool_owner: DecodeGraphs):
+        self.model, self.kv_caches, self.loras, self.pool_owner = model, kv_caches, loras, pool_owner
+        self.max_tokens, self.max_seqs, self.block_size = max_tokens, max_seqs, block_size
+        self.buckets = [b for b in TOKEN_BUCKETS if b < max_tokens] + [max_tokens]
+        self.width = -(-max_model_len // block_size)
+        t, b = max_tokens, max_seqs
+        self.host64 = torch.zeros(4 * t + b, dtype=torch.long, pin_memory=True)     # ids, positions, slots, capture
+        self.host32 = torch.zeros(t + 2 * b + 1 + b * self.width, dtype=torch.int32, pin_memory=True)
+        self.dev64, self.dev32 = self.host64.to(device), self.host32.to(device)
+        self.ids, self.positions, self.slots, self.capture = self.dev64[:4 * t].view(4, t)
+        self.logit_rows = self.dev64[4 * t:]
+        self.token_lora, self.query_start = self.dev32[:t], self.dev32[t:t + b + 1]
+        self.seq_lens = self.dev32[t + b + 1:t + 2 * b + 1]
+        self.tables = self.dev32[t + 2 * b + 1:].view(b, self.width)
+        self.logits: torch.Tensor | None = None       # [max_seqs, V] fp32, shared by every graph
+        self.captured: torch.Tensor | None = None     # [num_layers + 1, max_tokens, hidden], allocated on first use
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}   # (bucket, LoRA, kept rows)
+        self.lora_version = loras.version
+        self.replays = self.captures = 0
+
+    def fits(self, chunks: list[Chunk]) -> bool:
+        return (len(chunks) <= self.max_seqs and sum(c.length for c in chunks) <= self.max_tokens
+                and all(c.dropout is None for c in chunks))
+
+    def _bucket(self, tokens: int) -> int:
+        return next(b for b in self.buckets if b >= tokens)
+
+    def fill(self, p: Packed) -> int:
+        """Write the iteration into the pinned buffers and send them (two copies); returns its token bucket."""
+        t, b, n, rows = self.max_tokens, self.max_seqs, len(p.tables), len(p.ids)
+        h64, h32 = self.host64.numpy(), self.host32.numpy()
+        ids, positions, slots, capture = h64[:4 * t].reshape(4, t)
+        ids[:rows], positions[:rows], slots[:rows] = p.ids, p.positions, p.slots
+        bucket = self._bucket(rows)
+        slots[rows:bucket] = -1
+        ids[rows:bucket] = positions[rows:bucket] = 0
+        capture[:len(p.capture)] = p.capture
+        capture[len(p.capture):bucket] = 0
+        logit_rows = h64[4 * t:]
+        logit_rows[:len(p.logit_rows)] = p.logit_rows
+        logit_rows[len(p.logit_rows):] = 0
+        h32[:rows] = p.token_lora
+        h32[rows:bucket] = -1
+        qs = h32[t:t + b + 1]
+        qs[:n + 1] = p.starts
+        qs[n + 1:] = rows
+        lens = h32[t + b + 1:t + 2 * b + 1]
+        lens[:n] = p.seq_lens
+        lens[n:] = 0
+        tables = h32[t + 2 * b + 1:].reshape(b, self.width)
+        for i, tb in enumerate(p.tables):
+            tables[i, :len(tb)] = tb
+        self.dev64.copy_(self.host64, non_blocking=True)
+        used32 = t + 2 * b + 1 + n * self.width
+        self.dev32[:used32].copy_(self.host32[:used32], non_blocking=True)
+        return bucket
+
+    @torch.no_grad()
+    def _capture(self, bucket: int, with_lora: bool, with_capture: bool) -> torch.cuda.CUDAGraph:
+        cfg, rows = self.model.cfg, min(bucket, self.max_seqs)
+        if self.logits is None:
+            self.logits = torch.empty(self.max_seqs, cfg.vocab_size, device=self.dev64.device)
+        if with_capture and self.captured is None:
+            self.captured = self.model.lm_head.weight.new_empty(cfg.num_layers + 1, self.max_tokens, cfg.hidden_size)
+
+        def forward() -> None:
+            attn = AttentionMetadata(self.slots[:bucket], self.query_start, self.seq_lens, self.tables, bucket,
+                                     self.width * self.block_size)
+            batch = ForwardBatch(self.ids[:bucket], self.positions[:bucket], attn,
+                                 LoRABatch(self.token_lora[:bucket], with_lora, self.loras.max_loras),
+                                 self.logit_rows[:rows], self.capture[:bucket] if with_capture else None,
+                                 self.captured[:, :bucket] if with_capture else None)
+            self.logits[:rows] = self.model(batch, self.kv_caches)
+
+        saved = self.dev64.clone(), self.dev32.clone()
+        self.slots.fill_(-1)                 # the warm-up and the capture write no KV
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool_owner.pool):
+            forward()
+        self.pool_owner.pool = graph.pool()
+        self.dev64.copy_(saved[0])
+        self.dev32.copy_(saved[1])
+        return graph
+
+    @torch.no_grad()
+    def capture_all(self) -> None:
+        """Capture the base-model graph of every bucket up front (largest first)."""
+        for bucket in reversed(self.buckets):
+            self.graphs[(bucket, False, False)] = self._capture(bucket, False, False)
+
+    def run(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits of the sampling rows, kept layer inputs of the finetuning rows) of the iteration, from its graph
+        (captured first if it has none)."""
+        p = pack(chunks, blocks)
+        if self.loras.version != self.lora_version:      # stacks reallocated: LoRA graphs hold stale pointers
+            self.graphs = {k: v for k, v in self.graphs.items() if not k[1]}
+            self.lora_version = self.loras.version
+        bucket = self.fill(p)
+        key = (bucket, bool((p.token_lora >= 0).any()), bool(p.capture))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+            self.captures += 1
+        self.graphs[key].replay()
+        self.replays += 1
+        kept = self.captured[:, :len(p.capture)] if p.capture else None
+        return self.logits[:len(p.logit_rows)], kept
 
 
 @dataclass
@@ -228,7 +378,9 @@ class InFlight:
 
 class Runner:
     def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], blocks: BlockManager,
-                 loras: LoRARegistry, device: str, cuda_graphs: bool, max_num_seqs: int, max_model_len: int):
+                 loras: LoRARegistry, device: str, cuda_graphs: bool, max_num_seqs: int, max_model_len: int,
+                 max_batched_tokens: int, extra_seqs: int = 0):
+        """`extra_seqs`: sequences an iteration may hold beyond `max_num_seqs` (finetuning jobs' chunks)."""
         self.model = model
         self.kv_caches = kv_caches
         self.blocks = blocks
@@ -236,12 +388,19 @@ class Runner:
         self.device = device
         self.sampler = Sampler(device)
         self.decode = DecodeInputs(max_num_seqs, max_model_len, blocks.block_size, device)
-        self.graphs = DecodeGraphs(model, kv_caches, self.decode, loras) \
-            if cuda_graphs and device.startswith("cuda") else None
+        on_gpu = cuda_graphs and device.startswith("cuda")
+        self.graphs = DecodeGraphs(model, kv_caches, self.decode, loras) if on_gpu else None
+        self.mixed = MixedGraphs(model, kv_caches, loras, max_batched_tokens, max_num_seqs + extra_seqs,
+                                 max_model_len, blocks.block_size, device, self.graphs) if on_gpu else None
 
     def warmup(self) -> None:
         if self.graphs is not None:
             self.graphs.capture_all()
+            self.mixed.capture_all()
+
+    def captures(self) -> int:
+        """Graphs captured while serving so far (an iteration that captured one took host time, not GPU time)."""
+        return 0 if self.graphs is None else self.graphs.captures + self.mixed.captures
 
     def decode_only(self, chunks: list[Chunk]) -> bool:
         """An iteration of one sampling token per sequence, which runs from the persistent decode inputs."""
@@ -249,7 +408,7 @@ class Runner:
 
     def graphed(self, chunks: list[Chunk]) -> bool:
         """Whether `launch(chunks)` replays a CUDA graph."""
-        return self.graphs is not None and self.decode_only(chunks)
+        return self.graphs is not None and (self.decode_only(chunks) or self.mixed.fits(chunks))
 
     @torch.no_grad()
     def launch(self, chunks: list[Chunk]) -> InFlight:
@@ -269,14 +428,17 @@ class Runner:
                 logits = self.model(self.decode.batch(b, with_lora, self.loras.max_loras, cfg.num_kv_heads),
                                     self.kv_caches)
         else:
-            batch = build_batch(chunks, self.blocks, self.device, num_slots=self.loras.max_loras,
-                                kv_heads=cfg.num_kv_heads)
             params = self.sampler.prepare(sampling) if sampling else None
-            logits = self.model(batch, self.kv_caches)
+            if self.mixed is not None and self.mixed.fits(chunks):
+                logits, captured = self.mixed.run(chunks, self.blocks)
+            else:
+                batch = build_batch(chunks, self.blocks, self.device, num_slots=self.loras.max_loras,
+                                    kv_heads=cfg.num_kv_heads)
+                logits, captured = self.model(batch, self.kv_caches), batch.captured
             row = 0
             for c in chunks:
                 if c.finetune:
-                    kept.append(batch.captured[:, row:row + c.length])
+                    kept.append(captured[:, row:row + c.length])
                     row += c.length
         return InFlight(sampling, self.sampler.sample(logits, params) if sampling else None, kept,
                         self.graphed(chunks))

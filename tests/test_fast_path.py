@@ -77,3 +77,29 @@ def test_cuda_graph_decode_equals_eager(llama_dir, tmp_path):
         outs.append([s.output_ids for s in engine.generate(prompts, params, ["qv", None, None, "qv", None])])
         assert (engine.runner.graphs is not None) == graphs
     assert outs[1] == outs[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+def test_cuda_graph_mixed_iterations_equal_eager(llama_dir, tmp_path):
+    """Iterations mixing prefill chunks (arriving while others decode, split by the token budget), decode tokens
+    and adapters, replayed from per-token-count graphs, give the eager tokens."""
+    adapters = {"qv": make_peft_adapter(llama_dir, tmp_path / "qv", 3, **ADAPTERS["qv-r4"])}
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 14, 70, 7, 25)]
+    params = SamplingParams(max_tokens=10, temperature=0.7, seed=5, ignore_eos=True)
+    outs = []
+    for graphs in (False, True):
+        engine = make_engine(llama_dir, device="cuda", dtype="float32", cuda_graphs=graphs, max_loras=4,
+                             max_num_seqs=8, max_batched_tokens=64)
+        engine.loras.load("qv", adapters["qv"])
+        engine.runner.warmup()
+        seqs, step = [], 0
+        while step < len(prompts) or engine.has_work():
+            if step < len(prompts):
+                engine.add_request(f"m{step}", prompts[step], params, "qv" if step % 2 else None)
+                seqs.append(engine.requests[f"m{step}"])
+            engine.step()
+            step += 1
+        outs.append([s.output_ids for s in seqs])
+        if graphs:
+            assert engine.runner.mixed.replays > 0, "mixed iterations replayed their graphs"
+    assert outs[1] == outs[0]

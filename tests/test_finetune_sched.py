@@ -169,3 +169,21 @@ def test_a_job_queued_for_an_adapter_slot_starts_when_one_frees(llama_dir, tmp_p
     while engine.has_work():
         engine.step()
     assert job.state is JobState.SUCCEEDED and job.sequences == [] and job.progress()["epoch"] == 2
+
+
+def test_an_optimizer_step_priced_past_the_target_still_runs_under_constant_inference(llama_dir, tmp_path):
+    """A unit that ends an optimizer step waits for room only so long: with a step priced over the whole target
+    and inference in every iteration, the job still finishes (never starved)."""
+    write_task(tmp_path)
+    cost = CostModel(fwd_fixed_s=0.0, fwd_per_token_s=1e-6, unit_fixed_s=0.0, unit_per_token_s=1e-6, step_s=1.0)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=50.0, cost_model=cost)
+    job = build_job(engine, spec("patient", epochs=1, max_steps=2))
+    engine.finetune.add(job)
+    served = 0
+    while job.active:
+        if not engine.requests:
+            engine.add_request(f"r{served}", [5, 6, 7], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+            served += 1
+        engine.step()
+        assert engine.last_step.prefill_tokens or engine.last_step.decode_tokens, "inference runs in every iteration"
+    assert job.state is JobState.SUCCEEDED, job.error

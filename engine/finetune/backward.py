@@ -63,8 +63,7 @@ class SequenceBackward:
     grad_in: torch.Tensor | None = None   # dL/d(its input), filled span by span
     dk: torch.Tensor | None = None
     dv: torch.Tensor | None = None
-    loss_sum: float = 0.0
-    targets: int = 0
+    loss_sum: torch.Tensor | float = 0.0  # summed on the device: reading it would stall the iteration
 
     def __post_init__(self) -> None:
         self.span = len(self.spans) - 1
@@ -129,8 +128,7 @@ class SequenceBackward:
         targets = torch.tensor(targets + [IGNORE] * (span.length - len(targets)), device=h.device)
         loss, grad = linear_cross_entropy(normed.detach(), self.model.lm_head.weight, targets, self.loss_scale)
         normed.backward(grad)
-        self.loss_sum += float(loss)
-        self.targets += int((targets != IGNORE).sum())
+        self.loss_sum = self.loss_sum + loss
         self.grad_out[span.start:span.end] = h.grad
 
     def _layer_unit(self, layer_idx: int, span: Span, capture: bool) -> None:
@@ -211,13 +209,13 @@ class UnitGraphs:
     outputs live in one memory pool and are consumed before the next replay. Past `max_graphs` the least recently
     used graph is dropped (sequences of many lengths)."""
 
-    def __init__(self, max_graphs: int = 512):
+    def __init__(self, warmed: set[tuple[int, int, int]], max_graphs: int = 512):
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple[int, int, int, int], _Captured] = OrderedDict()
         self.statics: dict[tuple[int, int, int], LayerInputs] = {}
         self.pool = None
         self.side: torch.cuda.Stream | None = None   # one warm-up stream, so its cached blocks are reused
-        self.warmed: set[tuple[int, int, int]] = set()  # shapes already run once outside a capture
+        self.warmed = warmed        # shapes already run once outside a capture (shared by the engine's jobs)
         self.captures = self.replays = 0
 
     def has(self, key: tuple[int, int, int, int]) -> bool:

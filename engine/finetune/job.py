@@ -100,7 +100,8 @@ class FinetuneJob:
         self.backward: SequenceBackward | None = None
         self.unit_graphs: UnitGraphs | None = None    # this job's layer units as CUDA graphs (its adapter's tensors)
         self.seq_in_step = 0
-        self.step_loss = 0.0
+        self.step_waits = 0                       # iterations the step-ending unit found no room (never starved)
+        self.step_loss: torch.Tensor | float = 0.0    # summed on the device until the optimizer step reads it
         self.step_targets = 0
         self.recorded_losses: dict | None = None  # the loss summary of a job read back from its record
         self.saves = 0                            # checkpoints written by this process (host I/O the cost model skips)
@@ -142,8 +143,8 @@ class FinetuneJob:
             self.adapter.load(self.init_modules)
         self.resume = self.init_modules = None
         cfg = eng.config
-        self.unit_graphs = UnitGraphs() if cfg.use_fast_path and cfg.cuda_graphs and cfg.device.startswith("cuda") \
-            else None
+        self.unit_graphs = UnitGraphs(eng.finetune.warmed_shapes) \
+            if cfg.use_fast_path and cfg.cuda_graphs and cfg.device.startswith("cuda") else None
         self.slot = eng.loras.reserve_training_slot()
         eng.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
         self.state, self.started = JobState.RUNNING, time.time()
@@ -294,7 +295,7 @@ class FinetuneJob:
         fails (its checkpoints stay), and neither the serving slot nor a checkpoint ever sees such a value."""
         t = self.spec.training
         params = self.adapter.parameters()
-        loss = self.step_loss / max(1, self.step_targets)
+        loss = float(self.step_loss) / max(1, self.step_targets)
         if not math.isfinite(loss):
             return self._fail_non_finite(f"the loss is {loss}")
         if not all_finite([p.grad for p in params if p.grad is not None]):

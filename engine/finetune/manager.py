@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coserve.finetune")
 
-CAPTURE_COST = 3   # capturing a unit's graph (a warm-up, the capture, the replay) costs about this many eager units
+STEP_PATIENCE = 8  # iterations the unit that ends an optimizer step waits for room before it runs regardless
+CAPTURE_COST = 2   # capturing a unit's graph (the capture, then its replay) costs about this many eager units
 
 
 class JobError(ValueError):
@@ -144,6 +145,7 @@ class FinetuneManager:
         self.stopping = threading.Event()              # set from any thread: checkpoint and stop every job
         self.stopped = threading.Event()               # set by the engine thread once that is done
         self.stop_requested = 0.0                      # time.monotonic() of the first stop request
+        self.warmed_shapes: set[tuple[int, int, int]] = set()   # unit shapes run once outside a graph capture
 
     # ---- admission and ownership --------------------------------------------------------------------
     def check_new(self, spec: JobSpec, replace: bool = False) -> None:
@@ -317,20 +319,22 @@ class FinetuneManager:
             log.exception("finetuning job %s failed", job.spec.id)
             job.fail(f"{type(exc).__name__}: {exc}")
 
-    def plan_forward(self, budget: float, inference_tokens: int, token_room: int, cost: CostModel) -> list[Chunk]:
-        """Forward chunks of the jobs' sequences that fit, with the iteration's inference tokens, in one eager forward
-        within `budget`. With no inference in the iteration (nothing to protect) one chunk goes ahead even past the
+    def plan_forward(self, budget: float, inference_tokens: int, token_room: int, cost: CostModel,
+                     graphed: bool) -> list[Chunk]:
+        """Forward chunks of the jobs' sequences that fit, with the iteration's inference tokens, in one forward
+        within `budget` (`graphed`: the engine replays mixed iterations from CUDA graphs, which chunks with LoRA
+        dropout leave). With no inference in the iteration (nothing to protect) one chunk goes ahead even past the
         target."""
         chunks: list[Chunk] = []
         reserve = int(self.engine.blocks.num_blocks * self.kv_reserve)
-        fits = cost.forward_tokens_within(budget, fixed_paid=False)
         used = inference_tokens
         for job in self.active():
             if job.seq is None and not job.begin_sequence(reserve):
                 continue
             if not job.forward_tokens_left():
                 continue
-            n = min(token_room, fits - used)
+            eager = not graphed or job.spec.lora.dropout > 0 or any(c.dropout is not None for c in chunks)
+            n = min(token_room, cost.forward_tokens_within(budget, fixed_paid=False, graphed=not eager) - used)
             if n < 1 and not inference_tokens and not chunks:
                 n = token_room
             if n < 1:
@@ -357,10 +361,14 @@ class FinetuneManager:
                 capture_s = CAPTURE_COST * cost.unit_s(tokens, eager=True)
                 capture = graphed is False and (must_progress or capture_s <= time_left)
                 seconds = capture_s if capture else cost.unit_s(tokens, eager=not graphed)
-                if job.unit_ends_step():
+                ends_step = job.unit_ends_step()
+                if ends_step:
                     seconds += cost.step_s * cost.margin
-                if seconds > time_left and not (must_progress and done.units == 0):
+                overdue = ends_step and done.units == 0 and job.step_waits >= STEP_PATIENCE
+                if seconds > time_left and not (must_progress and done.units == 0) and not overdue:
+                    job.step_waits += ends_step
                     break
+                job.step_waits = 0
                 self._guard(job, lambda: job.run_backward_unit(capture))
                 time_left -= seconds
                 done.units += 1

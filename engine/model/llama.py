@@ -32,6 +32,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor     # rows whose logits are wanted
     capture_rows: torch.Tensor | None = None   # rows whose layer inputs finetuning keeps
     captured: torch.Tensor | None = None       # [num_layers + 1, rows, hidden]: each layer's input, then the final
+                                               # hidden state (given, or allocated by the forward)
 
 
 def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -173,7 +174,7 @@ class CausalLM(nn.Module):
         cfg, scale = self.cfg, self.cfg.head_dim ** -0.5
         hidden, residual = self.model.embed_tokens(batch.input_ids), None
         rows = batch.capture_rows
-        if rows is not None:
+        if rows is not None and batch.captured is None:
             batch.captured = hidden.new_empty(cfg.num_layers + 1, rows.shape[0], cfg.hidden_size)
         for i, (layer, cache) in enumerate(zip(self.model.layers, kv_caches)):
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
