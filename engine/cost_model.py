@@ -30,7 +30,7 @@ class Work:
     unit_tokens: int = 0         # their tokens
     optimizer_steps: int = 0
     saved: bool = False          # a checkpoint was written or a CUDA graph captured (host time, not learned)
-    graphed_forward: bool = False  # the forward replayed a decode CUDA graph (no per-kernel launches)
+    graphed_forward: bool = False  # the forward replayed a CUDA graph (no per-kernel launches)
     eager_units: int = 0         # units that ran eagerly, not as graph replays
 
     def features(self) -> list[float]:
@@ -47,7 +47,7 @@ class CostModel:
     unit_fixed_s: float                  # a backward unit replayed from its CUDA graph (or any unit, on a CPU)
     unit_per_token_s: float
     step_s: float = 0.0                  # an optimizer step (learned; the profile leaves it at 0)
-    graph_fwd_fixed_s: float | None = None  # a forward replayed from a decode graph; None: as an eager one
+    graph_fwd_fixed_s: float | None = None  # a forward replayed from a CUDA graph; None: as an eager one
     eager_unit_s: float = 0.0            # what an eagerly launched unit costs beyond a replayed one
     margin: float = 1.0                  # predictions are multiplied by this (>= 1) when planning
     learn: bool = False                  # refine from measured iterations (the profiled model does; a given one is fixed)

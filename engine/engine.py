@@ -43,7 +43,7 @@ class StepStats:
     duration_s: float = 0.0
     eager_units: int = 0            # units launched kernel by kernel (the rest replayed CUDA graphs)
     unit_captures: int = 0          # units whose CUDA graph was captured in this iteration
-    graphed_forward: bool = False   # the forward replayed a decode CUDA graph
+    graphed_forward: bool = False   # the forward replayed a CUDA graph (decode or mixed)
 
 
 class LLMEngine:
