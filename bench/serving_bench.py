@@ -339,7 +339,8 @@ def job_spec(settings: Settings, label: str, max_seq_len: int) -> dict:
             "output": f"ft/{label}",
             "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
             "training": {"lr": 1e-4, "epochs": 100000, "max_steps": 10**8, "sequences_per_step": 1,
-                         "max_seq_len": max_seq_len, "chunk_tokens": settings.chunk_tokens, "seed": 0}}
+                         "max_seq_len": max_seq_len, "packing": True, "chunk_tokens": settings.chunk_tokens,
+                         "seed": 0}}
 
 
 @dataclass
@@ -406,10 +407,11 @@ async def measure_mode(engine: Engine, run: ModeRun, settings: Settings, gpu: Gp
 
 
 async def wait_for_training(sampler: JobSampler, timeout_s: float) -> None:
-    """The job has run forward chunks (its kernels are compiled and it holds its KV) before any window starts."""
+    """The job has finished an optimizer step before any window starts: its kernels are compiled and its unit
+    graphs captured (one-time costs that no window should carry, in any mode)."""
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
-        if sampler.samples and sampler.samples[-1].ft_tokens > 0:
+        if sampler.samples and sampler.samples[-1].ft_step > 0:
             return
         await asyncio.sleep(0.2)
     raise RuntimeError(f"the finetuning job made no progress within {timeout_s:.0f} s")

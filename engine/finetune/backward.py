@@ -201,16 +201,17 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: LayerInputs
     outputs: tuple
+    nbytes: int = 0      # what its outputs hold (gradients of the past keys grow with the unit's start)
 
 
 class UnitGraphs:
     """CUDA graphs of layer units, one per (layer, tokens, start, blocks): a unit is hundreds of small kernels whose
     launches, not their work, bound its time. Inputs are copied into static buffers shared by the graphs of a shape;
-    outputs live in one memory pool and are consumed before the next replay. Past `max_graphs` the least recently
-    used graph is dropped (sequences of many lengths)."""
+    outputs live in one memory pool and are consumed before the next replay. Past `max_graphs` graphs or `max_bytes`
+    of outputs the least recently used graph is dropped (long sequences, or sequences of many lengths)."""
 
-    def __init__(self, warmed: set[tuple[int, int, int]], max_graphs: int = 512):
-        self.max_graphs = max_graphs
+    def __init__(self, warmed: set[tuple[int, int, int]], max_graphs: int = 512, max_bytes: int = 2 * 2**30):
+        self.max_graphs, self.max_bytes, self.nbytes = max_graphs, max_bytes, 0
         self.graphs: OrderedDict[tuple[int, int, int, int], _Captured] = OrderedDict()
         self.statics: dict[tuple[int, int, int], LayerInputs] = {}
         self.pool = None
@@ -226,9 +227,11 @@ class UnitGraphs:
         """Replay the unit's graph (capturing it first if it has none) on these inputs."""
         cached = self.graphs.get(key)
         if cached is None:
-            if len(self.graphs) >= self.max_graphs:
-                self.graphs.popitem(last=False)
-            cached = self.graphs[key] = self._capture(bwd, key, inputs, params)
+            cached = self._capture(bwd, key, inputs, params)
+            while self.graphs and (len(self.graphs) >= self.max_graphs or self.nbytes + cached.nbytes > self.max_bytes):
+                self.nbytes -= self.graphs.popitem(last=False)[1].nbytes
+            self.graphs[key] = cached
+            self.nbytes += cached.nbytes
             self.captures += 1
         self.graphs.move_to_end(key)
         static = cached.inputs
@@ -263,4 +266,6 @@ class UnitGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = fn()
         self.pool = graph.pool()
-        return _Captured(graph, static, outputs)
+        x_grad, past_k, past_v, param_grads = outputs
+        nbytes = sum(t.numel() * t.element_size() for t in (x_grad, past_k, past_v, *param_grads))
+        return _Captured(graph, static, outputs, nbytes)

@@ -257,10 +257,13 @@ class FinetuneJob:
         self.chunks.append(Span(chunk.start, chunk.length, chunk.dropout))
         self.tokens += chunk.length
         if self.seq.num_uncomputed == 0:
-            table = torch.tensor(self.engine.blocks.tables[self.seq.request_id], dtype=torch.long,
+            blocks = self.engine.blocks.tables[self.seq.request_id]
+            padded = 1 << max(0, len(blocks) - 1).bit_length()   # unit shapes recur across sequence lengths
+            table = torch.tensor(blocks + [0] * (padded - len(blocks)), dtype=torch.long,
                                  device=self.engine.kv_caches[0][0].device)
             length = self.seq.num_tokens
-            spans = self.chunks if any(c.dropout is not None for c in self.chunks) else grid_spans(length, self.unit_span(length))
+            spans = self.chunks if any(c.dropout is not None for c in self.chunks) \
+                else grid_spans(length, self.unit_span(length))
             self.backward = SequenceBackward(self.engine.model, self.adapter, self.acts, spans, self.labels, table,
                                              self.engine.kv_caches, 1.0 / max(1, self.step_targets),
                                              self.unit_graphs)
