@@ -32,12 +32,19 @@ class Work:
     saved: bool = False          # a checkpoint was written or a CUDA graph captured (host time, not learned)
     graphed_forward: bool = False  # the forward replayed a CUDA graph (no per-kernel launches)
     eager_units: int = 0         # units that ran eagerly, not as graph replays
+    forward_context: int = 0     # attention pairs of the forward: sum over chunks of length * (start + length)
+    unit_context: int = 0        # the same over the units (a unit late in a long sequence attends to all before it)
 
     def features(self) -> list[float]:
         forward = self.forward_tokens > 0
         return [float(forward and not self.graphed_forward), float(self.forward_tokens), float(self.units),
                 float(self.unit_tokens), float(self.optimizer_steps), float(forward and self.graphed_forward),
-                float(self.eager_units)]
+                float(self.eager_units), float(self.forward_context), float(self.unit_context)]
+
+
+def context(start: int, length: int) -> int:
+    """Attention pairs of `length` queries after `start` earlier positions (what a chunk or unit adds)."""
+    return length * (start + length)
 
 
 @dataclass
@@ -49,6 +56,8 @@ class CostModel:
     step_s: float = 0.0                  # an optimizer step (learned; the profile leaves it at 0)
     graph_fwd_fixed_s: float | None = None  # a forward replayed from a CUDA graph; None: as an eager one
     eager_unit_s: float = 0.0            # what an eagerly launched unit costs beyond a replayed one
+    fwd_per_pair_s: float = 0.0          # per attention pair of a forward (all layers)
+    unit_per_pair_s: float = 0.0         # per attention pair of a unit (one layer, recomputed and backward)
     margin: float = 1.0                  # predictions are multiplied by this (>= 1) when planning
     learn: bool = False                  # refine from measured iterations (the profiled model does; a given one is fixed)
     error: float | None = None           # median relative prediction error over the window, at the last refit
@@ -65,31 +74,36 @@ class CostModel:
     def params(self) -> tuple[float, ...]:
         """The coefficients, in the order of `Work.features` (and of the constructor)."""
         return (self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s,
-                self.graph_fwd_fixed_s, self.eager_unit_s)
+                self.graph_fwd_fixed_s, self.eager_unit_s, self.fwd_per_pair_s, self.unit_per_pair_s)
 
     def predict(self, work: Work) -> float:
         return float(np.dot(work.features(), self.params()))
 
-    def forward_s(self, tokens: int, graphed: bool = False) -> float:
+    def forward_s(self, tokens: int, graphed: bool = False, pairs: int = 0) -> float:
+        """A forward of `tokens` tokens whose attention covers `pairs` (query, key) pairs."""
         fixed = self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s
-        return (fixed + self.fwd_per_token_s * tokens) * self.margin
+        return (fixed + self.fwd_per_token_s * tokens + self.fwd_per_pair_s * pairs) * self.margin
 
-    def unit_s(self, tokens: int, eager: bool = False) -> float:
+    def unit_s(self, tokens: int, eager: bool = False, start: int = 0) -> float:
+        """A backward unit of `tokens` positions after `start` earlier ones."""
         extra = self.eager_unit_s if eager else 0.0
-        return (self.unit_fixed_s + extra + self.unit_per_token_s * tokens) * self.margin
+        return (self.unit_fixed_s + extra + self.unit_per_token_s * tokens
+                + self.unit_per_pair_s * context(start, tokens)) * self.margin
 
-    def forward_tokens_within(self, seconds: float, fixed_paid: bool, graphed: bool = False) -> int:
-        """How many more forward tokens fit in `seconds` (the forward's fixed cost included unless paid)."""
-        fixed = self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s
-        spare = seconds / self.margin - (0.0 if fixed_paid else fixed)
-        return max(0, int(spare / max(self.fwd_per_token_s, 1e-12)))
-
-    def unit_tokens_within(self, seconds: float, most: int) -> int:
-        """The largest replayed backward unit, up to `most` tokens, predicted to take at most `seconds`."""
-        seconds /= self.margin
-        if self.unit_per_token_s <= 0:
-            return most if seconds >= self.unit_fixed_s else 0
-        return max(0, min(most, int((seconds - self.unit_fixed_s) / self.unit_per_token_s)))
+    def forward_tokens_within(self, seconds: float, fixed_paid: bool, graphed: bool = False, tokens: int = 0,
+                              pairs: int = 0, start: int = 0, most: int = 1 << 30) -> int:
+        """How many more tokens, up to `most`, of a chunk after `start` positions fit in a forward that already holds
+        `tokens` tokens and `pairs` attention pairs, within `seconds` (its fixed cost included unless paid)."""
+        fixed = 0.0 if fixed_paid else (self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s)
+        spare = seconds / self.margin - fixed - self.fwd_per_token_s * tokens - self.fwd_per_pair_s * pairs
+        lo, hi = 0, max(0, min(most, int(spare / max(self.fwd_per_token_s, 1e-12))))
+        while lo < hi:   # the pairs grow with the chunk: the largest n that still fits
+            mid = (lo + hi + 1) // 2
+            if self.fwd_per_token_s * mid + self.fwd_per_pair_s * context(start, mid) <= spare:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def observe(self, work: Work, seconds: float) -> None:
         """Record one measured iteration (with what was predicted for it); every REFIT_EVERY of them the fit and
@@ -125,7 +139,7 @@ class CostModel:
                     theta[j] = 0.0
             free = [j for j, v in zip(free, sol) if v >= 0]
         (self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s,
-         self.graph_fwd_fixed_s, self.eager_unit_s) = map(float, theta)
+         self.graph_fwd_fixed_s, self.eager_unit_s, self.fwd_per_pair_s, self.unit_per_pair_s) = map(float, theta)
         ratios = y / np.maximum(x @ theta, 1e-9)
         self.margin = float(min(MAX_MARGIN, max(1.0, np.quantile(ratios, 0.99))))
         predicted = np.array([p for _, _, p in self._seen])
@@ -135,6 +149,7 @@ class CostModel:
         return {"fwd_fixed_s": self.fwd_fixed_s, "graph_fwd_fixed_s": self.graph_fwd_fixed_s,
                 "fwd_per_token_s": self.fwd_per_token_s, "unit_fixed_s": self.unit_fixed_s,
                 "unit_per_token_s": self.unit_per_token_s, "step_s": self.step_s, "eager_unit_s": self.eager_unit_s,
+                "fwd_per_pair_s": self.fwd_per_pair_s, "unit_per_pair_s": self.unit_per_pair_s,
                 "margin": self.margin}
 
 
@@ -241,4 +256,10 @@ def profile(engine: "LLMEngine") -> CostModel:
     fwd_fixed, per_token = _line(sizes, tuple(fwd))
     replay = _graph_replay_s(engine)
     graph_fixed = max(0.0, replay[1] - per_token * replay[0]) if replay else None
-    return CostModel(fwd_fixed, per_token, *_line(sizes, tuple(unit)), graph_fwd_fixed_s=graph_fixed, learn=True)
+    # attention pairs priced at the rate the forward's matmuls ran: 4 * q_size FLOPs a pair and layer (QK^T, PV);
+    # a unit recomputes one layer and runs its backward, about three times that
+    cfg = engine.model_config
+    rate = 2 * sum(p.numel() for p in engine.model.parameters()) / max(per_token, 1e-12)
+    per_pair = 4 * cfg.num_heads * cfg.head_dim / rate
+    return CostModel(fwd_fixed, per_token, *_line(sizes, tuple(unit)), graph_fwd_fixed_s=graph_fixed,
+                     fwd_per_pair_s=per_pair * cfg.num_layers, unit_per_pair_s=3 * per_pair, learn=True)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from coserve.engine.config import EngineConfig
-from coserve.engine.cost_model import CostModel, IterationClock, Work, profile
+from coserve.engine.cost_model import CostModel, IterationClock, Work, context, profile
 from coserve.engine.detokenizer import IncrementalDetokenizer
 from coserve.engine.finetune.manager import BackwardWork, FinetuneManager
 from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
@@ -139,14 +139,16 @@ class LLMEngine:
         turn = self.mode.turn(self.scheduler.has_work(), self.finetune)
         chunks = self.scheduler.schedule() if turn.inference else []
         inference_tokens = sum(c.length for c in chunks)
+        inference_pairs = sum(context(c.start, c.length) for c in chunks)
         ft_chunks: list = []
         if turn.finetune and self.finetune.has_work():
             room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
-            ft_chunks = self.finetune.plan_forward(budget, inference_tokens, room, self.cost,
+            ft_chunks = self.finetune.plan_forward(budget, inference_tokens, inference_pairs, room, self.cost,
                                                    self.runner.mixed is not None)
         forward_tokens = inference_tokens + sum(c.length for c in ft_chunks)
+        pairs = inference_pairs + sum(context(c.start, c.length) for c in ft_chunks)
         graphed = self.runner.graphed(chunks + ft_chunks)
-        left = budget - (self.cost.forward_s(forward_tokens, graphed) if forward_tokens else 0.0)
+        left = budget - (self.cost.forward_s(forward_tokens, graphed, pairs) if forward_tokens else 0.0)
         flight = self.runner.launch(chunks + ft_chunks) if chunks or ft_chunks else None
         for c in chunks:
             c.seq.num_computed += c.length
@@ -164,7 +166,7 @@ class LLMEngine:
         steps_after, saves_after = self.finetune.counters()
         work = Work(forward_tokens, backward.units, backward.tokens, steps_after - steps,
                     saves_after > saves or backward.captures > 0 or self.runner.captures() > captures, graphed,
-                    backward.eager)
+                    backward.eager, pairs if forward_tokens else 0, backward.pairs)
         for done, seconds in self.clock.stop(work):
             self.cost.observe(done, seconds)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))

@@ -12,32 +12,35 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coserve_testlib import make_engine
 from coserve.engine.async_engine import AsyncEngine
-from coserve.engine.cost_model import REFIT_EVERY, CostModel, Work
+from coserve.engine.cost_model import REFIT_EVERY, CostModel, Work, context
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.sampling import SamplingParams
 
-# eager forward, per forward token, replayed unit, per unit token, optimizer step, replayed decode graph, eager unit
-TRUE = (0.004, 2e-5, 0.0015, 3e-6, 0.002, 0.001, 0.005)
+# eager forward, per forward token, replayed unit, per unit token, optimizer step, replayed graph forward, eager unit,
+# per attention pair of a forward, per attention pair of a unit
+TRUE = (0.004, 2e-5, 0.0015, 3e-6, 0.002, 0.001, 0.005, 2e-9, 1e-9)
 
 
 def true_seconds(w: Work) -> float:
     forward = w.forward_tokens > 0
     return (TRUE[0] * (forward and not w.graphed_forward) + TRUE[1] * w.forward_tokens + TRUE[2] * w.units
             + TRUE[3] * w.unit_tokens + TRUE[4] * w.optimizer_steps + TRUE[5] * (forward and w.graphed_forward)
-            + TRUE[6] * w.eager_units)
+            + TRUE[6] * w.eager_units + TRUE[7] * w.forward_context + TRUE[8] * w.unit_context)
 
 
 def random_work(rng: random.Random) -> Work:
     units = rng.randint(0, 6)
     graphed = rng.random() < 0.3
     tokens = rng.randint(1, 64) if graphed else rng.choice([0, rng.randint(1, 2048)])
-    return Work(tokens, units, units * rng.randint(16, 1024), int(units > 0 and rng.random() < 0.2),
-                graphed_forward=graphed, eager_units=rng.randint(0, units))
+    unit_tokens = units * rng.randint(16, 1024)
+    return Work(tokens, units, unit_tokens, int(units > 0 and rng.random() < 0.2), graphed_forward=graphed,
+                eager_units=rng.randint(0, units), forward_context=context(rng.randint(0, 8192), tokens),
+                unit_context=context(rng.randint(0, 8192), unit_tokens))
 
 
 def test_a_wrong_prior_is_corrected_by_measured_iterations():
-    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, 0.0, 0.01, 0.0, learn=True)   # ten times too slow, steps free
+    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, 0.0, 0.01, 0.0, 0.0, 0.0, learn=True)   # too slow; steps, pairs free
     rng = random.Random(0)
     for _ in range(20 * REFIT_EVERY):
         w = random_work(rng)
@@ -49,6 +52,11 @@ def test_a_wrong_prior_is_corrected_by_measured_iterations():
     assert cost.forward_s(512) == pytest.approx(TRUE[0] + 512 * TRUE[1], rel=0.06)
     assert cost.forward_s(64, graphed=True) == pytest.approx(TRUE[5] + 64 * TRUE[1], rel=0.06)
     assert cost.unit_s(256, eager=True) == pytest.approx(TRUE[2] + TRUE[6] + 256 * TRUE[3], rel=0.06)
+    late = TRUE[2] + 512 * TRUE[3] + context(7680, 512) * TRUE[8]
+    assert cost.unit_s(512, start=7680) == pytest.approx(late, rel=0.06), "a unit late in a long sequence costs more"
+    tokens = cost.forward_tokens_within(0.05, fixed_paid=False, start=6000)
+    assert true_seconds(Work(tokens, forward_context=context(6000, tokens))) <= 0.05 * 1.001
+    assert true_seconds(Work(tokens + 2, forward_context=context(6000, tokens + 2))) > 0.05
     assert cost.predict(w) == pytest.approx(true_seconds(w), rel=0.05)
 
 

@@ -189,3 +189,19 @@ def test_an_optimizer_step_priced_past_the_target_still_runs_under_constant_infe
         engine.step()
         assert engine.last_step.prefill_tokens or engine.last_step.decode_tokens, "inference runs in every iteration"
     assert job.state is JobState.SUCCEEDED, job.error
+
+
+def test_unit_spans_fit_the_target_where_they_attend_to_most(llama_dir, tmp_path):
+    """Spans are sized so the last one (which attends to every earlier position) fits half the target: with a
+    price per attention pair, long sequences get shorter spans than the per-token price alone would give."""
+    write_task(tmp_path)
+    flat = CostModel(0.0, 1e-6, 0.001, 1e-6)
+    quadratic = CostModel(0.0, 1e-6, 0.001, 1e-6, unit_per_pair_s=1e-9)
+    spans = {}
+    for name, cost in (("flat", flat), ("quadratic", quadratic)):
+        engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=20.0, cost_model=cost)
+        job = build_job(engine, spec(name))
+        spans[name] = span = job.unit_span(8192)
+        assert cost.unit_s(span, start=8192 - span) <= 0.010 or span == 16
+        assert span == 8192 or cost.unit_s(2 * span, start=8192 - 2 * span) > 0.010
+    assert spans["quadratic"] < spans["flat"]

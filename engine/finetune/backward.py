@@ -80,6 +80,9 @@ class SequenceBackward:
     def next_unit_tokens(self) -> int:
         return 0 if self.done else self.spans[self.span].length
 
+    def next_unit_start(self) -> int:
+        return 0 if self.done else self.spans[self.span].start
+
     @property
     def next_is_last(self) -> bool:
         """The next unit finishes the sequence's backward."""

@@ -271,12 +271,15 @@ class FinetuneJob:
 
     def unit_span(self, length: int) -> int:
         """Positions per backward unit: the whole sequence when a unit of it fits in its share of the target,
-        else the largest power of two that does (so spans, hence graph shapes, recur), at least MIN_SPAN."""
-        eng = self.engine
-        fit = eng.cost.unit_tokens_within(UNIT_SHARE * eng.config.tpot_slo_ms / 1000, length)
-        if fit >= length:
+        else the largest power of two whose last (most attending) span does (so spans, hence graph shapes, recur),
+        at least MIN_SPAN."""
+        cost, room = self.engine.cost, UNIT_SHARE * self.engine.config.tpot_slo_ms / 1000
+        if cost.unit_s(length) <= room:
             return length
-        return min(length, max(MIN_SPAN, 1 << max(0, fit.bit_length() - 1)))
+        span = 1 << max(0, (length - 1).bit_length() - 1)       # the largest power of two below the length
+        while span > MIN_SPAN and cost.unit_s(span, start=length - span) > room:   # the last span costs most
+            span //= 2
+        return max(MIN_SPAN, span)
 
     def unit_ends_step(self) -> bool:
         """The next backward unit is the last of the optimizer step (the step runs right after it)."""

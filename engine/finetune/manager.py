@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from coserve.engine.cost_model import CostModel
+from coserve.engine.cost_model import CostModel, context
 from coserve.engine.finetune.adapter import lora_shapes
 from coserve.engine.finetune.checkpoint import Checkpoint, CheckpointError, ResumeState, all_finite, verify_checkpoint
 from coserve.engine.finetune.dataset import DatasetError, read_examples, to_sequences
@@ -319,22 +319,23 @@ class FinetuneManager:
             log.exception("finetuning job %s failed", job.spec.id)
             job.fail(f"{type(exc).__name__}: {exc}")
 
-    def plan_forward(self, budget: float, inference_tokens: int, token_room: int, cost: CostModel,
-                     graphed: bool) -> list[Chunk]:
+    def plan_forward(self, budget: float, inference_tokens: int, inference_pairs: int, token_room: int,
+                     cost: CostModel, graphed: bool) -> list[Chunk]:
         """Forward chunks of the jobs' sequences that fit, with the iteration's inference tokens, in one forward
         within `budget` (`graphed`: the engine replays mixed iterations from CUDA graphs, which chunks with LoRA
         dropout leave). With no inference in the iteration (nothing to protect) one chunk goes ahead even past the
         target."""
         chunks: list[Chunk] = []
         reserve = int(self.engine.blocks.num_blocks * self.kv_reserve)
-        used = inference_tokens
+        used, pairs = inference_tokens, inference_pairs
         for job in self.active():
             if job.seq is None and not job.begin_sequence(reserve):
                 continue
             if not job.forward_tokens_left():
                 continue
             eager = not graphed or job.spec.lora.dropout > 0 or any(c.dropout is not None for c in chunks)
-            n = min(token_room, cost.forward_tokens_within(budget, fixed_paid=False, graphed=not eager) - used)
+            n = cost.forward_tokens_within(budget, fixed_paid=False, graphed=not eager, tokens=used, pairs=pairs,
+                                           start=job.seq.num_computed, most=token_room)
             if n < 1 and not inference_tokens and not chunks:
                 n = token_room
             if n < 1:
@@ -343,6 +344,7 @@ class FinetuneManager:
             chunks.append(chunk)
             token_room -= chunk.length
             used += chunk.length
+            pairs += context(chunk.start, chunk.length)
         return chunks
 
     def forward_done(self, chunks: list[Chunk], kept: list[torch.Tensor]) -> None:
@@ -357,10 +359,11 @@ class FinetuneManager:
         done = BackwardWork()
         for job in self.active():
             while job.active and job.backward is not None:
-                tokens, graphed = job.backward.next_unit_tokens(), job.backward.next_graphed()
-                capture_s = CAPTURE_COST * cost.unit_s(tokens, eager=True)
+                bwd = job.backward
+                tokens, start, graphed = bwd.next_unit_tokens(), bwd.next_unit_start(), bwd.next_graphed()
+                capture_s = CAPTURE_COST * cost.unit_s(tokens, eager=True, start=start)
                 capture = graphed is False and (must_progress or capture_s <= time_left)
-                seconds = capture_s if capture else cost.unit_s(tokens, eager=not graphed)
+                seconds = capture_s if capture else cost.unit_s(tokens, eager=not graphed, start=start)
                 ends_step = job.unit_ends_step()
                 if ends_step:
                     seconds += cost.step_s * cost.margin
@@ -373,6 +376,7 @@ class FinetuneManager:
                 time_left -= seconds
                 done.units += 1
                 done.tokens += tokens
+                done.pairs += context(start, tokens)
                 done.eager += not graphed and not capture
                 done.captures += capture
         self.turn += 1
@@ -386,5 +390,6 @@ class BackwardWork:
 
     units: int = 0
     tokens: int = 0
+    pairs: int = 0
     eager: int = 0
     captures: int = 0
