@@ -413,7 +413,8 @@ class Runner:
     @torch.no_grad()
     def launch(self, chunks: list[Chunk]) -> InFlight:
         """Queue the iteration's forward and sampling without waiting for the device: a decode-only iteration
-        from the persistent inputs (a CUDA graph replay where there is one), any other eagerly."""
+        from the persistent inputs (a CUDA graph replay where there is one), a mixed one from its token count's
+        graph where it fits one, any other (LoRA dropout, more tokens than graphed, a CPU) eagerly."""
         sampling = [c.seq for c in chunks if c.samples]
         kept: list[torch.Tensor] = []
         cfg = self.model.cfg
