@@ -236,15 +236,19 @@ class MixedGraphs:
     rows land in static buffers shared by all graphs, read before the next replay."""
 
     def __init__(self, model: CausalLM, kv_caches: list, loras: LoRARegistry, max_tokens: int, max_seqs: int,
-                 max_model_len: int, block_size: int, device: str, pool_owner: DecodeGraphs):
+                 max_model_len: int, block_size: int, device: str, pool_owner: DecodeGraphs | None):
+        """`pool_owner`: the decode graphs whose memory pool these graphs share (None: no capture, as on a CPU,
+        where `fill` and `forward` run the same static-buffer iteration eagerly)."""
         self.model, self.kv_caches, self.loras, self.pool_owner = model, kv_caches, loras, pool_owner
         self.max_tokens, self.max_seqs, self.block_size = max_tokens, max_seqs, block_size
         self.buckets = [b for b in TOKEN_BUCKETS if b < max_tokens] + [max_tokens]
         self.width = -(-max_model_len // block_size)
         t, b = max_tokens, max_seqs
-        self.host64 = torch.zeros(4 * t + b, dtype=torch.long, pin_memory=True)     # ids, positions, slots, capture
-        self.host32 = torch.zeros(t + 2 * b + 1 + b * self.width, dtype=torch.int32, pin_memory=True)
-        self.dev64, self.dev32 = self.host64.to(device), self.host32.to(device)
+        on_host = not device.startswith("cuda")
+        self.host64 = torch.zeros(4 * t + b, dtype=torch.long, pin_memory=not on_host)  # ids, positions, slots, capture
+        self.host32 = torch.zeros(t + 2 * b + 1 + b * self.width, dtype=torch.int32, pin_memory=not on_host)
+        self.dev64 = self.host64 if on_host else self.host64.to(device)
+        self.dev32 = self.host32 if on_host else self.host32.to(device)
         self.ids, self.positions, self.slots, self.capture = self.dev64[:4 * t].view(4, t)
         self.logit_rows = self.dev64[4 * t:]
         self.token_lora, self.query_start = self.dev32[:t], self.dev32[t:t + b + 1]
@@ -288,38 +292,41 @@ class MixedGraphs:
         tables = h32[t + 2 * b + 1:].reshape(b, self.width)
         for i, tb in enumerate(p.tables):
             tables[i, :len(tb)] = tb
-        self.dev64.copy_(self.host64, non_blocking=True)
-        used32 = t + 2 * b + 1 + n * self.width
-        self.dev32[:used32].copy_(self.host32[:used32], non_blocking=True)
+        if self.dev64 is not self.host64:
+            self.dev64.copy_(self.host64, non_blocking=True)
+            used32 = t + 2 * b + 1 + n * self.width
+            self.dev32[:used32].copy_(self.host32[:used32], non_blocking=True)
         return bucket
 
     @torch.no_grad()
-    def _capture(self, bucket: int, with_lora: bool, with_capture: bool) -> torch.cuda.CUDAGraph:
+    def forward(self, bucket: int, with_lora: bool, with_capture: bool) -> None:
+        """The iteration in the static buffers, over `bucket` token rows: logits of the sampling rows into
+        `self.logits`, kept layer inputs of the finetuning rows into `self.captured` (what a graph records)."""
         cfg, rows = self.model.cfg, min(bucket, self.max_seqs)
         if self.logits is None:
             self.logits = torch.empty(self.max_seqs, cfg.vocab_size, device=self.dev64.device)
         if with_capture and self.captured is None:
             self.captured = self.model.lm_head.weight.new_empty(cfg.num_layers + 1, self.max_tokens, cfg.hidden_size)
+        attn = AttentionMetadata(self.slots[:bucket], self.query_start, self.seq_lens, self.tables, bucket,
+                                 self.width * self.block_size)
+        batch = ForwardBatch(self.ids[:bucket], self.positions[:bucket], attn,
+                             LoRABatch(self.token_lora[:bucket], with_lora, self.loras.max_loras),
+                             self.logit_rows[:rows], self.capture[:bucket] if with_capture else None,
+                             self.captured[:, :bucket] if with_capture else None)
+        self.logits[:rows] = self.model(batch, self.kv_caches)
 
-        def forward() -> None:
-            attn = AttentionMetadata(self.slots[:bucket], self.query_start, self.seq_lens, self.tables, bucket,
-                                     self.width * self.block_size)
-            batch = ForwardBatch(self.ids[:bucket], self.positions[:bucket], attn,
-                                 LoRABatch(self.token_lora[:bucket], with_lora, self.loras.max_loras),
-                                 self.logit_rows[:rows], self.capture[:bucket] if with_capture else None,
-                                 self.captured[:, :bucket] if with_capture else None)
-            self.logits[:rows] = self.model(batch, self.kv_caches)
-
+    @torch.no_grad()
+    def _capture(self, bucket: int, with_lora: bool, with_capture: bool) -> torch.cuda.CUDAGraph:
         saved = self.dev64.clone(), self.dev32.clone()
         self.slots.fill_(-1)                 # the warm-up and the capture write no KV
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            forward()
+            self.forward(bucket, with_lora, with_capture)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool_owner.pool):
-            forward()
+            self.forward(bucket, with_lora, with_capture)
         self.pool_owner.pool = graph.pool()
         self.dev64.copy_(saved[0])
         self.dev32.copy_(saved[1])
@@ -331,22 +338,28 @@ class MixedGraphs:
         for bucket in reversed(self.buckets):
             self.graphs[(bucket, False, False)] = self._capture(bucket, False, False)
 
-    def run(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits of the sampling rows, kept layer inputs of the finetuning rows) of the iteration, from its graph
-        (captured first if it has none)."""
+    def prepare(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[Packed, tuple[int, bool, bool]]:
+        """Fill the static buffers with the iteration; returns it packed and the key of the graph that runs it:
+        (token bucket, any row with an adapter, any row kept for finetuning)."""
         p = pack(chunks, blocks)
+        return p, (self.fill(p), bool((p.token_lora >= 0).any()), bool(p.capture))
+
+    def outputs(self, p: Packed) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits of the sampling rows, kept layer inputs of the finetuning rows) after `forward` or a replay."""
+        return self.logits[:len(p.logit_rows)], self.captured[:, :len(p.capture)] if p.capture else None
+
+    def run(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The iteration's `outputs`, from its graph (captured first if it has none)."""
         if self.loras.version != self.lora_version:      # stacks reallocated: LoRA graphs hold stale pointers
             self.graphs = {k: v for k, v in self.graphs.items() if not k[1]}
             self.lora_version = self.loras.version
-        bucket = self.fill(p)
-        key = (bucket, bool((p.token_lora >= 0).any()), bool(p.capture))
+        p, key = self.prepare(chunks, blocks)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
             self.captures += 1
         self.graphs[key].replay()
         self.replays += 1
-        kept = self.captured[:, :len(p.capture)] if p.capture else None
-        return self.logits[:len(p.logit_rows)], kept
+        return self.outputs(p)
 
 
 @dataclass

@@ -103,3 +103,48 @@ def test_cuda_graph_mixed_iterations_equal_eager(llama_dir, tmp_path):
         if graphs:
             assert engine.runner.mixed.replays > 0, "mixed iterations replayed their graphs"
     assert outs[1] == outs[0]
+
+
+def test_mixed_graph_static_buffers_equal_the_plain_batch(llama_dir, tmp_path):
+    """What a mixed-iteration graph records, run eagerly here: the iteration padded to its token bucket (padding
+    tokens, padding sequences, stale rows of earlier iterations) gives the plain batch's logits and kept layer
+    inputs, and writes the same KV cache."""
+    from coserve.engine.runner import MixedGraphs
+
+    adapters = {"qv": make_peft_adapter(llama_dir, tmp_path / "qv", 3, **ADAPTERS["qv-r4"])}
+    results = []
+    for static in (False, True):
+        engine = make_engine(llama_dir, dtype="float32", max_loras=4, max_num_seqs=8)
+        engine.loras.load("qv", adapters["qv"])
+        seqs = [Sequence("a", list(range(3, 30)), SamplingParams()), Sequence("b", list(range(40, 52)),
+                                                                              SamplingParams()),
+                Sequence("ft", list(range(60, 90)), SamplingParams())]
+        seqs[0].adapter_slot = engine.loras.adapters["qv"].slot
+        for s in seqs:
+            engine.blocks.allocate(s.request_id, s.num_tokens)
+        iterations = [[Chunk(seqs[0], 0, 20), Chunk(seqs[2], 0, 9, finetune=True)],             # 29 rows in 32
+                      [Chunk(seqs[0], 20, 7), Chunk(seqs[1], 0, 12), Chunk(seqs[2], 9, 21, finetune=True)],
+                      [Chunk(seqs[1], 11, 1)]]                    # one row in 16, over the rows left before
+        mixed = MixedGraphs(engine.model, engine.kv_caches, engine.loras, 64, 9, 128, engine.blocks.block_size,
+                            "cpu", None)
+        outs = []
+        for chunks in iterations:
+            with torch.no_grad():
+                if static:
+                    p, key = mixed.prepare(chunks, engine.blocks)
+                    mixed.forward(*key)
+                    outs.append(tuple(t if t is None else t.clone() for t in mixed.outputs(p)))
+                else:
+                    batch = build_batch(chunks, engine.blocks, "cpu", num_slots=4)
+                    outs.append((engine.model(batch, engine.kv_caches), batch.captured))
+        results.append((outs, [k.clone() for k, _ in engine.kv_caches]))
+    (plain, plain_kv), (static, static_kv) = results
+    assert [len(o[0]) for o in static] == [0, 2, 1], "logits of the sampling rows only"
+    for (logits_a, kept_a), (logits_b, kept_b) in zip(plain, static):
+        torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
+        if kept_a is None:
+            assert kept_b is None
+        else:
+            torch.testing.assert_close(kept_b, kept_a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(plain_kv, static_kv):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

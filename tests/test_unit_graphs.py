@@ -17,14 +17,19 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def train(model_dir, data_root, graphs: bool, dtype: str) -> tuple[dict, int]:
+def engine_and_job(model_dir, data_root, graphs: bool, dtype: str, job_id: str, steps: int):
+    """A CUDA engine (with or without graphs) at an unbounded target, and an AdamW job over data.jsonl."""
     engine = make_engine(model_dir, data_root=str(data_root), device="cuda", dtype=dtype, cuda_graphs=graphs,
                          fast_path=True, num_kv_blocks=256, tpot_slo_ms=1e6, cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
     spec = JobSpec.model_validate({
-        "id": f"g{int(graphs)}", "dataset": {"path": "data.jsonl", "format": "text"}, "output": f"out{int(graphs)}",
+        "id": job_id, "dataset": {"path": "data.jsonl", "format": "text"}, "output": f"out-{job_id}",
         "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS},
-        "training": {"optimizer": "adamw", "lr": 1e-2, "max_steps": 4, "shuffle": False, "seed": 1}})
-    job = build_job(engine, spec)
+        "training": {"optimizer": "adamw", "lr": 1e-2, "max_steps": steps, "shuffle": False, "seed": 1}})
+    return engine, build_job(engine, spec)
+
+
+def train(model_dir, data_root, graphs: bool, dtype: str) -> tuple[dict, int]:
+    engine, job = engine_and_job(model_dir, data_root, graphs, dtype, f"g{int(graphs)}", 4)
     engine.finetune.add(job)
     graphs = None
     while engine.has_work():
@@ -49,13 +54,7 @@ def train_beside_inference(model_dir, data_root, graphs: bool) -> tuple[dict, di
     """A job trained while decode requests run in every iteration; counts of its units by how they ran."""
     from coserve.engine.sampling import SamplingParams
 
-    engine = make_engine(model_dir, data_root=str(data_root), device="cuda", dtype="float32", cuda_graphs=graphs,
-                         fast_path=True, num_kv_blocks=256, tpot_slo_ms=1e6, cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
-    spec = JobSpec.model_validate({
-        "id": f"s{int(graphs)}", "dataset": {"path": "data.jsonl", "format": "text"}, "output": f"served{int(graphs)}",
-        "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS},
-        "training": {"optimizer": "adamw", "lr": 1e-2, "max_steps": 3, "shuffle": False, "seed": 1}})
-    job = build_job(engine, spec)
+    engine, job = engine_and_job(model_dir, data_root, graphs, "float32", f"s{int(graphs)}", 3)
     for i in range(4):
         engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     engine.finetune.add(job)
