@@ -161,6 +161,7 @@ class LLMEngine:
         if turn.finetune and self.finetune.has_work():
             backward = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
         self.mode.done(turn, self.finetune, bool(ft_chunks) or backward.units > 0)
+        self.finetune.settle()
         if not self.config.overlap_outputs or not self.scheduler.has_work():
             outputs += self._emit()
         steps_after, saves_after = self.finetune.counters()

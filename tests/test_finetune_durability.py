@@ -197,3 +197,32 @@ def test_records_are_read_back_only_from_their_own_folder_under_the_data_root(tr
     assert [c.step for c in restored["kept"].checkpoints] == [c.step for c in trained[2].checkpoints]
     assert "linked" not in restored and "corrupt" not in restored and "copied" not in restored
     assert all(j.output.parent == root or root in j.output.parents for j in restored.values())
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_on_the_device_and_fails_the_job(trained):
+    """The optimizer step never syncs: the fused optimizer skips a step whose gradients hold NaN (found_inf),
+    and the job fails when the step's checks reach the host, its weights and optimizer state untouched."""
+    root, engine, _ = trained
+    job = build_job(engine, spec("nan-grads", epochs=5))
+    engine.finetune.add(job)
+    params = job.adapter.parameters()
+
+    def step_with(grads_value: float, loss: float) -> None:
+        for p in params:
+            p.grad = torch.full_like(p, 0.01)
+        params[-1].grad[0, 0] = grads_value
+        job.step_loss, job.step_targets = torch.tensor(2.0 * loss), 2
+        job._optimizer_step()
+
+    step_with(0.01, 1.5)
+    assert job.step == 1 and job.losses == [1.5] and job.state is JobState.RUNNING
+    before = [p.detach().clone() for p in params]
+    moments = [job.optimizer.state[p]["exp_avg"].clone() for p in params]
+    step_with(float("nan"), 1.25)
+    assert job.state is JobState.FAILED and "step 2: the gradients hold NaN" in job.error, job.error
+    assert job.step == 1 and job.losses == [1.5]
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "the skipped step changed the weights"
+    assert all(torch.equal(job.optimizer.state[p]["exp_avg"], m) for p, m in zip(params, moments))
+    assert all(int(job.optimizer.state[p]["step"]) == 1 for p in params)
+    assert [c.step for c in job.checkpoints] == [1]
+    assert {p.name for p in (root / "nan-grads").glob("checkpoint-*")} == {"checkpoint-1"}

@@ -36,6 +36,12 @@ class Span:
         return self.start + self.length
 
 
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host integers on the device without a stream sync (a plain copy from a list waits for the stream)."""
+    host = torch.tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
 def grid_spans(length: int, span: int) -> list[Span]:
     """Units of `span` positions from the sequence's start: the same grid for every layer and for every sequence of
     this length, so a unit's shape recurs and its CUDA graph is replayed."""
@@ -64,9 +70,11 @@ class SequenceBackward:
     dk: torch.Tensor | None = None
     dv: torch.Tensor | None = None
     loss_sum: torch.Tensor | float = 0.0  # summed on the device: reading it would stall the iteration
+    targets: torch.Tensor | None = None   # each position's next token (IGNORE where none is trained), on the device
 
     def __post_init__(self) -> None:
         self.span = len(self.spans) - 1
+        self.targets = to_device(self.labels[1:] + [IGNORE], self.acts.device)
         total, cfg = self.acts.shape[1], self.model.cfg
         self.dk = torch.zeros(total, cfg.num_kv_heads, cfg.head_dim, device=self.acts.device)
         self.dv = torch.zeros_like(self.dk)
@@ -127,9 +135,8 @@ class SequenceBackward:
         vocabulary projection taken a block of rows at a time (no [tokens, vocab] logits kept)."""
         h = self.acts[-1, span.start:span.end].detach().requires_grad_()
         normed = self.model.model.norm(h)[0]
-        targets = self.labels[span.start + 1:span.end + 1]
-        targets = torch.tensor(targets + [IGNORE] * (span.length - len(targets)), device=h.device)
-        loss, grad = linear_cross_entropy(normed.detach(), self.model.lm_head.weight, targets, self.loss_scale)
+        loss, grad = linear_cross_entropy(normed.detach(), self.model.lm_head.weight,
+                                          self.targets[span.start:span.end], self.loss_scale)
         normed.backward(grad)
         self.loss_sum = self.loss_sum + loss
         self.grad_out[span.start:span.end] = h.grad

@@ -9,14 +9,15 @@ import math
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from coserve.engine.finetune.adapter import TrainAdapter
-from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs, grid_spans
-from coserve.engine.finetune.checkpoint import Checkpoint, ResumeState, all_finite, retained, save_checkpoint
+from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs, grid_spans, to_device
+from coserve.engine.finetune.checkpoint import Checkpoint, ResumeState, retained, save_checkpoint
 from coserve.engine.finetune.dataset import Example, epoch_order
 from coserve.engine.finetune.dropout import ChunkDropout
 from coserve.engine.finetune.record import RECORD_FILE, RECORD_VERSION, JobRecord, OutputLock, write_json_atomic
@@ -70,6 +71,24 @@ def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """On the device, without a sync: the largest magnitude (which, unlike a 2-norm, cannot overflow) is finite."""
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, float("inf")))
+
+
+@dataclass
+class PendingStep:
+    """An optimizer step launched without waiting for it: its loss and finite checks reach the host once its
+    event completes (reading them at once would stall the iteration that ran the step)."""
+
+    step: int
+    flags: torch.Tensor                  # host: [loss, gradients finite, updated weights finite]
+    event: torch.cuda.Event | None       # None on a CPU, where the flags are already there
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+
 class FinetuneJob:
     def __init__(self, spec: JobSpec, engine: "LLMEngine", sequences: list[Example], output: Path,
                  init_modules: dict | None = None, resume: ResumeState | None = None,
@@ -103,6 +122,7 @@ class FinetuneJob:
         self.step_waits = 0                       # iterations the step-ending unit found no room (never starved)
         self.step_loss: torch.Tensor | float = 0.0    # summed on the device until the optimizer step reads it
         self.step_targets = 0
+        self.pending: PendingStep | None = None   # the last optimizer step, until its checks reach the host
         self.recorded_losses: dict | None = None  # the loss summary of a job read back from its record
         self.saves = 0                            # checkpoints written by this process (host I/O the cost model skips)
 
@@ -124,13 +144,13 @@ class FinetuneJob:
         eng, t = self.engine, self.spec.training
         self.adapter = TrainAdapter(eng.model, self.spec.lora, t.seed)
         params = self.adapter.parameters()
-        fused = {"fused": True} if params[0].is_cuda else {"foreach": True}   # one launch for all tensors
+        # fused: one launch for all tensors, and it skips a step with non-finite gradients on the device (found_inf)
         if t.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps,
-                                               weight_decay=t.weight_decay, **fused)
+                                               weight_decay=t.weight_decay, fused=True)
         else:
             self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                             **fused)
+                                             fused=True)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.total_steps))
         if self.resume is not None:   # verified when the job was built
             self.adapter.load(self.resume.modules)
@@ -181,6 +201,7 @@ class FinetuneJob:
             self.lock.release()
 
     def cancel(self) -> None:
+        self.settle(wait=True)
         if self.state in LIVE:
             self._finish(JobState.CANCELLED)
 
@@ -190,6 +211,7 @@ class FinetuneJob:
     def interrupt(self, reason: str) -> None:
         """The engine is stopping: checkpoint the last finished step (unless saved already) and mark the job
         resumable. If that save fails the earlier checkpoints stay listed, and the record says so."""
+        self.settle(wait=True)
         if self.state not in LIVE:
             return
         if self.active and self.step > 0 and all(c.step != self.step for c in self.checkpoints):
@@ -259,8 +281,7 @@ class FinetuneJob:
         if self.seq.num_uncomputed == 0:
             blocks = self.engine.blocks.tables[self.seq.request_id]
             padded = 1 << max(0, len(blocks) - 1).bit_length()   # unit shapes recur across sequence lengths
-            table = torch.tensor(blocks + [0] * (padded - len(blocks)), dtype=torch.long,
-                                 device=self.engine.kv_caches[0][0].device)
+            table = to_device(blocks + [0] * (padded - len(blocks)), self.engine.kv_caches[0][0].device)
             length = self.seq.num_tokens
             spans = self.chunks if any(c.dropout is not None for c in self.chunks) \
                 else grid_spans(length, self.unit_span(length))
@@ -297,31 +318,60 @@ class FinetuneJob:
                 self._optimizer_step()
 
     def _optimizer_step(self) -> None:
-        """Apply the step's gradients, unless the loss, gradients or updated weights are not finite: then the job
-        fails (its checkpoints stay), and neither the serving slot nor a checkpoint ever sees such a value."""
+        """Apply the step's gradients without a host sync. The fused optimizer skips the update on the device when
+        the loss or gradients are not finite (found_inf, as AMP's scaler does); `settle` reads the checks later
+        and fails the job then, so no checkpoint ever holds such a step."""
+        self.settle(wait=True)       # the previous step's checks (long done: a whole sequence ran since)
+        if not self.active:
+            return
         t = self.spec.training
         params = self.adapter.parameters()
-        loss = float(self.step_loss) / max(1, self.step_targets)
-        if not math.isfinite(loss):
-            return self._fail_non_finite(f"the loss is {loss}")
-        if not all_finite([p.grad for p in params if p.grad is not None]):
-            return self._fail_non_finite("the gradients hold NaN or infinity")
+        grads = [p.grad for p in params if p.grad is not None]
+        loss = torch.as_tensor(self.step_loss, dtype=torch.float32, device=params[0].device)
+        loss = loss / max(1, self.step_targets)
+        grads_ok = torch.isfinite(loss) & _all_finite(grads)
         if t.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        self.optimizer.found_inf = (~grads_ok).float()
         self.optimizer.step()
-        if not all_finite(params):
-            return self._fail_non_finite("the update made the adapter weights NaN or infinite")
+        weights_ok = _all_finite(params)
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
+        flags = torch.stack([loss, grads_ok.float(), weights_ok.float()])
+        event = None
+        if flags.is_cuda:
+            host = torch.empty(3, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            flags, event = host, torch.cuda.Event()
+            event.record()
         self.step += 1
         self.seq_in_step = 0
-        self.loss = loss
-        self.losses.append(self.loss)
+        self.pending = PendingStep(self.step, flags, event)
         every = self.spec.checkpoint_every
-        if self.step == self.total_steps or (every and self.step % every == 0):
+        self.settle(wait=self.step == self.total_steps or bool(every and self.step % every == 0))
+
+    def settle(self, wait: bool = False) -> None:
+        """Take in the last optimizer step once its checks are on the host (`wait`: now): record its loss,
+        checkpoint or finish where due, or fail the job at that step (its update was skipped on the device)."""
+        p = self.pending
+        if p is None or not (wait or p.ready()):
+            return
+        if p.event is not None:
+            p.event.synchronize()
+        self.pending = None
+        loss, grads_ok, weights_ok = p.flags.tolist()
+        if not (grads_ok and weights_ok):
+            self.step = p.step - 1
+            what = (f"the loss is {loss}" if not math.isfinite(loss) else "the gradients hold NaN or infinity"
+                    if not grads_ok else "the update made the adapter weights NaN or infinite")
+            return self._fail_non_finite(what)
+        self.loss = loss
+        self.losses.append(loss)
+        every = self.spec.checkpoint_every
+        if p.step == self.total_steps or (every and p.step % every == 0):
             self.save_checkpoint()
-        if self.step >= self.total_steps:
+        if p.step >= self.total_steps:
             self._finish(JobState.SUCCEEDED)
 
     def _fail_non_finite(self, what: str) -> None:

@@ -289,6 +289,11 @@ class FinetuneManager:
             self._activate()
         return any(j.active for j in self.jobs.values())
 
+    def settle(self) -> None:
+        """Take in the optimizer steps whose checks have reached the host (see `FinetuneJob.settle`)."""
+        for job in self.active():
+            self._guard(job, job.settle)
+
     def counters(self) -> tuple[int, int]:
         """(optimizer steps, checkpoints written) over all jobs, to tell what an iteration did."""
         jobs = list(self.jobs.values())
@@ -305,6 +310,7 @@ class FinetuneManager:
     def cancel(self, job_id: str, checkpoint: bool = False) -> FinetuneJob:
         """Stop a job; with `checkpoint`, first save its adapter at the last finished step (for suspend)."""
         job = self.jobs[job_id]
+        job.settle(wait=True)
         if checkpoint and job.active and job.step > 0 and all(c.step != job.step for c in job.checkpoints):
             self._guard(job, job.save_checkpoint)
         job.cancel()
