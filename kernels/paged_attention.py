@@ -51,6 +51,17 @@ def causal_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     return out[0].transpose(0, 1)
 
 
+def masked_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q [n, Hq, D] over k, v [ctx, Hkv, D], `mask` [n, ctx] saying which keys each query sees
+    (SDPA's memory-efficient kernel on a GPU); differentiable. Every query must see at least one key."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask[None, None], scale=scale)
+    return out[0].transpose(0, 1)
+
+
 def write_kv_skip_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         slot_mapping: torch.Tensor) -> None:
     """write_kv_torch for batches with padding rows: a token whose slot is negative is not stored."""

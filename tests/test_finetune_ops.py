@@ -1,6 +1,9 @@
 """The backward units' fast ops equal their specs: the blocked linear cross-entropy equals full-logits autograd,
-and SDPA attention over [cached keys, own keys] equals the reference causal attention, values and gradients."""
+SDPA attention over [cached keys, own keys] equals the reference causal attention, values and gradients, and a
+unit over a bucket of past positions (what one CUDA graph serves for many starts) equals the exact unit."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -8,7 +11,11 @@ import torch
 from coserve.engine.finetune import loss as loss_mod
 from coserve.engine.finetune.dataset import IGNORE
 from coserve.engine.finetune.loss import linear_cross_entropy, linear_cross_entropy_torch
-from coserve.kernels.paged_attention import causal_attention, causal_attention_sdpa
+from coserve.engine.finetune.adapter import TrainAdapter
+from coserve.engine.finetune.backward import LayerInputs, context_bucket, layer_grads, unit_mask
+from coserve.engine.finetune.spec import LoRASpec
+from coserve.kernels.paged_attention import causal_attention, causal_attention_sdpa, masked_attention_sdpa
+from coserve_testlib import make_engine
 
 
 @pytest.mark.parametrize("rows,hidden,vocab,block_rows", [(1, 8, 11, 1), (37, 16, 50, 8), (64, 32, 300, 64)])
@@ -50,3 +57,62 @@ def test_sdpa_attention_equals_reference_values_and_gradients(n, ctx, heads, kv_
         results.append([out.detach()] + [t.grad for t in leaves])
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,start,kv_heads,window", [(4, 3, 2, None), (8, 16, 1, None), (5, 40, 2, 9), (3, 1, 2, 2)])
+def test_attention_over_a_bucket_of_past_keys_equals_the_exact_past(n, start, kv_heads, window):
+    """Past keys gathered up to the bucket and masked from the start on (there they are garbage, zeroed) give the
+    exact attention, and the masked ones get no gradient."""
+    g = torch.Generator().manual_seed(n * start)
+    context = context_bucket(start)
+    q = torch.randn(n, 4, 16, generator=g)
+    past_k, past_v = torch.randn(context, kv_heads, 16, generator=g), torch.randn(context, kv_heads, 16, generator=g)
+    own_k, own_v = torch.randn(n, kv_heads, 16, generator=g), torch.randn(n, kv_heads, 16, generator=g)
+    up = torch.randn(n, 4, 16, generator=g)
+    positions = torch.arange(start, start + n)
+    exact = [t.clone().requires_grad_() for t in (q, past_k[:start], past_v[:start], own_k, own_v)]
+    out = causal_attention(exact[0], torch.cat([exact[1], exact[3]]), torch.cat([exact[2], exact[4]]), 0.25, window)
+    out.backward(up)
+    bucket = [t.clone().requires_grad_() for t in (q, past_k, past_v, own_k, own_v)]
+    mask = unit_mask(positions, context, torch.tensor(start), window)
+    ours = masked_attention_sdpa(bucket[0], torch.cat([bucket[1], bucket[3]]), torch.cat([bucket[2], bucket[4]]),
+                                 0.25, mask)
+    ours.backward(up)
+    torch.testing.assert_close(ours, out, rtol=1e-5, atol=1e-5)
+    for mine, ref in zip(bucket, exact):
+        torch.testing.assert_close(mine.grad[:ref.shape[0]], ref.grad, rtol=1e-5, atol=1e-5)
+    assert not bucket[1].grad[start:].any() and not bucket[2].grad[start:].any()
+
+
+@pytest.mark.parametrize("start,n", [(5, 7), (16, 16), (33, 4)])
+def test_a_layer_unit_over_a_bucket_of_past_keys_equals_the_exact_unit(llama_dir, start, n):
+    """layer_grads with `context` (a graph's view: past keys up to the bucket, those past the start holding NaN
+    here) equals the exact unit: gradients of the input, of the past keys and values, and of the LoRA weights."""
+    engine = make_engine(llama_dir, num_kv_blocks=32)
+    cfg, cache = engine.model.cfg, engine.kv_caches[1]
+    g = torch.Generator().manual_seed(start)
+    for c in cache:
+        c.copy_(torch.randn(c.shape, generator=g))
+    bs, context = cache[0].shape[1], context_bucket(start)
+    blocks = -(-max(context, start + n) // bs)
+    table = torch.randperm(32, generator=g)[:blocks]
+    for pos in range(start, blocks * bs):      # what lies past the start in the sequence's blocks is not its past
+        cache[0][table[pos // bs], pos % bs] = float("nan")
+    adapter = TrainAdapter(engine.model, LoRASpec(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), 3)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.1, generator=g)
+    params = adapter.layer_parameters(1)
+    kv = (n, cfg.num_kv_heads, cfg.head_dim)
+    hidden = (n, cfg.hidden_size)
+    inputs = LayerInputs(torch.randn(hidden, generator=g), table, torch.randn(hidden, generator=g),
+                         torch.randn(kv, generator=g), torch.randn(kv, generator=g), start)
+    exact = layer_grads(engine.model, 1, cache, adapter, inputs, params)
+    bucket = layer_grads(engine.model, 1, cache, adapter, dataclasses.replace(inputs, start=torch.tensor(start)),
+                         params, context=context)
+    torch.testing.assert_close(bucket[0], exact[0], rtol=1e-5, atol=1e-5)
+    for i in (1, 2):
+        assert bucket[i].shape[0] == context and not bucket[i][start:].any()
+        torch.testing.assert_close(bucket[i][:start], exact[i], rtol=1e-5, atol=1e-5)
+    for mine, ref in zip(bucket[3], exact[3]):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)

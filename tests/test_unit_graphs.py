@@ -9,7 +9,8 @@ import torch
 
 from coserve_testlib import make_engine
 from coserve.engine.cost_model import CostModel
-from coserve.engine.finetune.job import JobState
+from coserve.engine.finetune.backward import UnitGraphs
+from coserve.engine.finetune.job import FinetuneJob, JobState
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 
@@ -28,7 +29,8 @@ def engine_and_job(model_dir, data_root, graphs: bool, dtype: str, job_id: str, 
     return engine, build_job(engine, spec)
 
 
-def train(model_dir, data_root, graphs: bool, dtype: str) -> tuple[dict, int]:
+def train(model_dir, data_root, graphs: bool, dtype: str) -> tuple[dict, UnitGraphs | None]:
+    """The adapter a 4-step job trains, and its unit graphs (None without graphs)."""
     engine, job = engine_and_job(model_dir, data_root, graphs, dtype, f"g{int(graphs)}", 4)
     engine.finetune.add(job)
     graphs = None
@@ -36,7 +38,7 @@ def train(model_dir, data_root, graphs: bool, dtype: str) -> tuple[dict, int]:
         engine.step()
         graphs = graphs or job.unit_graphs
     assert job.state is JobState.SUCCEEDED, job.error
-    return {k: v.detach().clone() for k, v in job.adapter.named_parameters().items()}, len(graphs.graphs) if graphs else 0
+    return {k: v.detach().clone() for k, v in job.adapter.named_parameters().items()}, graphs
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
@@ -44,10 +46,24 @@ def test_graphed_units_train_the_same_adapter_as_eager_units(llama_dir, tmp_path
     text = "every finetuning unit recomputes one layer and sends its gradients back " * 3
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": text}) for _ in range(4)) + "\n")
     eager, none = train(llama_dir, tmp_path, False, dtype)
-    graphed, captured = train(llama_dir, tmp_path, True, dtype)
-    assert none == 0 and captured > 0, "the second step's units must have been captured and replayed"
+    graphed, graphs = train(llama_dir, tmp_path, True, dtype)
+    assert none is None and graphs.graphs, "the second step's units must have been captured and replayed"
     for name, value in eager.items():
         torch.testing.assert_close(graphed[name], value, rtol=tol, atol=tol)
+
+
+def test_a_graph_serves_every_start_in_its_bucket_of_past_keys(llama_dir, tmp_path, monkeypatch):
+    """Units of 16 positions (starts 0, 16, 32, 48, ...: past-key buckets 0, 16, 32, 64, 64) replay graphs shared
+    by several starts and across layers' sequences, and train what exact eager units train."""
+    monkeypatch.setattr(FinetuneJob, "unit_span", lambda self, length: 16)
+    text = "a long sequence cut into units of sixteen positions, each attending to all before it " * 2
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": text}) for _ in range(4)) + "\n")
+    eager, _ = train(llama_dir, tmp_path, False, "float32")
+    graphed, graphs = train(llama_dir, tmp_path, True, "float32")
+    buckets = {key[2] for key in graphs.graphs}
+    assert len(buckets) >= 4 and graphs.replays >= 3 * graphs.captures, (buckets, graphs.replays, graphs.captures)
+    for name, value in eager.items():
+        torch.testing.assert_close(graphed[name], value, rtol=1e-5, atol=1e-5)
 
 
 def train_beside_inference(model_dir, data_root, graphs: bool) -> tuple[dict, dict]:

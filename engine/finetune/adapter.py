@@ -39,6 +39,8 @@ class TrainAdapter:
         self.by_layer: dict[int, list[torch.Tensor]] = {}
         for name, ab in self.params.items():   # names are model.layers.<i>.<block>.<projection>
             self.by_layer.setdefault(int(name.split(".")[2]), []).extend(ab)
+        for p in self.parameters():   # gradients at fixed addresses: backward units' CUDA graphs add into them
+            p.grad = torch.zeros_like(p)
 
     def layer_parameters(self, layer: int) -> list[torch.Tensor]:
         """The A and B tensors of one decoder layer's adapted projections."""

@@ -4,11 +4,13 @@ The forward ran in chunks inside the serving batches and kept each layer's input
 buffer for the sequence; keys and values sit in the paged KV cache. Backward then runs units top layer first and,
 within a layer, last span first. Unit (l, s) recomputes layer l for span s with autograd, attending to the cached
 keys of earlier positions as leaves: their gradients go to dK/dV accumulators, which are complete for span s's
-own keys when its unit runs, because every later span has already run. Spans form a fixed grid per sequence, so
-a unit's shape recurs (layer by layer, sequence after sequence) and runs as a CUDA graph. Exact, with no autograd
-graph kept between units."""
+own keys when its unit runs, because every later span has already run. Spans form a fixed grid per sequence, and a
+graphed unit gathers its past keys up to a bucket of positions (masking those past its start), so a unit's graph
+recurs layer by layer, span after span and sequence after sequence. Exact, with no autograd graph kept between
+units."""
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +22,9 @@ from coserve.engine.finetune.dataset import IGNORE
 from coserve.engine.finetune.loss import linear_cross_entropy
 from coserve.engine.layers.lora_batch import LoRABatch
 from coserve.engine.model.llama import CausalLM, stream
-from coserve.kernels.paged_attention import causal_attention_sdpa, gather_kv
+from coserve.kernels.paged_attention import causal_attention_sdpa, gather_kv, masked_attention_sdpa
+
+CONTEXT_STEP = 2048   # graphed units' past-key buckets: powers of two up to this, then multiples of it
 
 
 @dataclass
@@ -40,6 +44,14 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """Host integers on the device without a stream sync (a plain copy from a list waits for the stream)."""
     host = torch.tensor(values, dtype=torch.long)
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+def context_bucket(start: int) -> int:
+    """Past positions a graphed unit starting at `start` gathers: one graph serves every start in the bucket, at
+    most twice the attention work (and none of a span's other work) of the exact start."""
+    if start <= CONTEXT_STEP:
+        return 0 if start == 0 else 1 << (start - 1).bit_length()
+    return -(-start // CONTEXT_STEP) * CONTEXT_STEP
 
 
 def grid_spans(length: int, span: int) -> list[Span]:
@@ -102,8 +114,8 @@ class SequenceBackward:
             return None
         return self.graphs.has(self._key(self.layer, self.spans[self.span]))
 
-    def _key(self, layer: int, span: Span) -> tuple[int, int, int, int]:
-        return layer, span.length, span.start, self.block_table.shape[0]
+    def _key(self, layer: int, span: Span) -> tuple[int, int, int]:
+        return layer, span.length, context_bucket(span.start)
 
     def run_unit(self, capture: bool = False) -> None:
         """Advance by one unit; `capture`: a unit without a graph yet is captured now (else it runs eagerly)."""
@@ -148,23 +160,18 @@ class SequenceBackward:
         start, end = span.start, span.end
         params = self.adapter.layer_parameters(layer_idx)
         inputs = LayerInputs(self.acts[layer_idx, start:end], self.block_table, self.grad_out[start:end],
-                             self.dk[start:end], self.dv[start:end])
-        if self.graphs is not None and span.dropout is None and (capture or self.graphs.has(self._key(layer_idx,
-                                                                                                       span))):
-            grads = self.graphs.run(self, self._key(layer_idx, span), inputs, params)
+                             self.dk[start:end], self.dv[start:end], start)
+        key = self._key(layer_idx, span)
+        if self.graphs is not None and span.dropout is None and (capture or self.graphs.has(key)):
+            x_grad, past_k_grad, past_v_grad = self.graphs.run(self, key, inputs, params)
         else:
-            grads = layer_grads(self.model, layer_idx, self.kv_caches[layer_idx], self.adapter, start, inputs,
-                                params, span.dropout)
-        x_grad, past_k_grad, past_v_grad, param_grads = grads
+            x_grad, past_k_grad, past_v_grad, param_grads = layer_grads(
+                self.model, layer_idx, self.kv_caches[layer_idx], self.adapter, inputs, params, span.dropout)
+            torch._foreach_add_([p.grad for p in params], param_grads)
         self.grad_in[start:end] = x_grad
         if start:
-            self.dk[:start] += past_k_grad
-            self.dv[:start] += past_v_grad
-        for p, g in zip(params, param_grads):
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad += g
+            self.dk[:start] += past_k_grad[:start]
+            self.dv[:start] += past_v_grad[:start]
 
 
 @dataclass
@@ -176,28 +183,42 @@ class LayerInputs:
     grad_out: torch.Tensor      # dL/d(layer output)
     dk: torch.Tensor            # dL/d(the unit's own keys), fp32, from later units
     dv: torch.Tensor
+    start: int | torch.Tensor   # the first position (a one-element tensor in a graph's static inputs)
 
 
 def layer_grads(model: CausalLM, layer_idx: int, kv_cache: tuple[torch.Tensor, torch.Tensor], adapter: TrainAdapter,
-                start: int, inputs: LayerInputs, params: list[torch.Tensor],
-                dropout: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """One layer recomputed under autograd for tokens [start, start + len(x)), attending to the cached keys of
-    earlier positions as leaves: (dL/dx, dL/d past keys, dL/d past values, dL/d each of `params`). No host sync,
-    so it can be captured in a CUDA graph."""
+                inputs: LayerInputs, params: list[torch.Tensor], dropout: Callable | None = None,
+                context: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One layer recomputed under autograd for the positions from `inputs.start` on, attending to the cached keys
+    of earlier positions as leaves: (dL/dx, dL/d past keys, dL/d past values, dL/d each of `params`). With
+    `context`, the past is that many gathered positions and those from the start on are masked (what a graph
+    serving a bucket of starts computes); their gradients are zero. No host sync, so it can be captured."""
     cfg = model.cfg
     x = inputs.x.detach().requires_grad_()
-    past_k, past_v = gather_kv(*kv_cache, inputs.block_table, start)
+    n, start = x.shape[0], inputs.start
+    steps = torch.arange(n, device=x.device)
+    if context is None:
+        past_k, past_v = gather_kv(*kv_cache, inputs.block_table, start)
+        positions, mask = start + steps, None
+    else:
+        past_k, past_v = gather_kv(*kv_cache, inputs.block_table, context)
+        before = (torch.arange(context, device=x.device) < start)[:, None, None]
+        past_k = torch.where(before, past_k, 0.0)      # blocks past the start may hold anything, even NaN
+        past_v = torch.where(before, past_v, 0.0)
+        positions = start + steps
+        mask = unit_mask(positions, context, start, cfg.sliding_window)
     past_k, past_v = past_k.requires_grad_(), past_v.requires_grad_()
     own: dict[str, torch.Tensor] = {}
 
     def attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         own["k"], own["v"] = key, value
         keys, values = torch.cat([past_k.to(key.dtype), key]), torch.cat([past_v.to(value.dtype), value])
+        if mask is not None:
+            return masked_attention_sdpa(q, keys, values, cfg.head_dim ** -0.5, mask)
         return causal_attention_sdpa(q, keys, values, cfg.head_dim ** -0.5, cfg.sliding_window)
 
     with torch.enable_grad():
-        positions = torch.arange(start, start + x.shape[0], device=x.device)
-        lora = LoRABatch.training(adapter, x.shape[0], x.device, dropout)
+        lora = LoRABatch.training(adapter, n, x.device, dropout)
         out = stream(*model.model.layers[layer_idx](x, None, positions, model.cos_sin, lora, attend))
         grads = torch.autograd.grad([out, own["k"], own["v"]], [x, past_k, past_v, *params],
                                     [inputs.grad_out.to(out.dtype), inputs.dk.to(own["k"].dtype),
@@ -206,76 +227,112 @@ def layer_grads(model: CausalLM, layer_idx: int, kv_cache: tuple[torch.Tensor, t
     return grads[0], grads[1], grads[2], params_grads
 
 
+def unit_mask(positions: torch.Tensor, context: int, start: int | torch.Tensor,
+              sliding_window: int | None) -> torch.Tensor:
+    """[n, context + n]: which keys each query of a unit sees: gathered past positions before `start`, and its
+    own positions up to the query's (within the sliding window, if any)."""
+    past = torch.arange(context, device=positions.device)
+    keys = torch.cat([past, positions])
+    seen = (keys[None, :] <= positions[:, None]) & torch.cat([past < start, positions >= 0])[None, :]
+    if sliding_window is not None:
+        seen &= positions[:, None] - keys[None, :] < sliding_window
+    return seen
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: LayerInputs
-    outputs: tuple
-    nbytes: int = 0      # what its outputs hold (gradients of the past keys grow with the unit's start)
 
 
 class UnitGraphs:
-    """CUDA graphs of layer units, one per (layer, tokens, start, blocks): a unit is hundreds of small kernels whose
-    launches, not their work, bound its time. Inputs are copied into static buffers shared by the graphs of a shape;
-    outputs live in one memory pool and are consumed before the next replay. Past `max_graphs` graphs or `max_bytes`
-    of outputs the least recently used graph is dropped (long sequences, or sequences of many lengths)."""
+    """CUDA graphs of layer units, one per (layer, tokens, past-key bucket): a unit is hundreds of small kernels
+    whose launches, not their work, bound its time. Inputs are copied into static buffers shared by the graphs of
+    a shape; each graph adds its parameter gradients into the adapter's (persistent) `.grad` tensors and writes
+    dL/dx and the past keys' gradients into outputs shared by all graphs, so a graph holds no memory of its own
+    beyond its kernels. Past `max_graphs` the least recently used graph is dropped."""
 
-    def __init__(self, warmed: set[tuple[int, int, int]], max_graphs: int = 512, max_bytes: int = 2 * 2**30):
-        self.max_graphs, self.max_bytes, self.nbytes = max_graphs, max_bytes, 0
-        self.graphs: OrderedDict[tuple[int, int, int, int], _Captured] = OrderedDict()
-        self.statics: dict[tuple[int, int, int], LayerInputs] = {}
+    def __init__(self, warmed: set[tuple[int, int]], max_tokens: int, max_graphs: int = 2048):
+        self.max_graphs, self.max_tokens = max_graphs, max_tokens
+        self.graphs: OrderedDict[tuple[int, int, int], _Captured] = OrderedDict()
+        self.statics: dict[tuple[int, int], LayerInputs] = {}
+        self.outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # dL/dx, past dK, past dV
         self.pool = None
         self.side: torch.cuda.Stream | None = None   # one warm-up stream, so its cached blocks are reused
         self.warmed = warmed        # shapes already run once outside a capture (shared by the engine's jobs)
         self.captures = self.replays = 0
+        self.capture_s = 0.0        # host seconds of a capture, measured (the planner's price for the next one)
 
-    def has(self, key: tuple[int, int, int, int]) -> bool:
+    def has(self, key: tuple[int, int, int]) -> bool:
         return key in self.graphs
 
-    def run(self, bwd: "SequenceBackward", key: tuple[int, int, int, int], inputs: LayerInputs,
-            params: list[torch.Tensor]) -> tuple:
-        """Replay the unit's graph (capturing it first if it has none) on these inputs."""
+    def run(self, bwd: "SequenceBackward", key: tuple[int, int, int], inputs: LayerInputs,
+            params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replay the unit's graph (capturing it first if it has none) on these inputs; returns views of the
+        shared outputs (dL/dx, dL/d past keys, dL/d past values), valid until the next replay."""
         cached = self.graphs.get(key)
         if cached is None:
+            began = time.perf_counter()
             cached = self._capture(bwd, key, inputs, params)
-            while self.graphs and (len(self.graphs) >= self.max_graphs or self.nbytes + cached.nbytes > self.max_bytes):
-                self.nbytes -= self.graphs.popitem(last=False)[1].nbytes
+            took = time.perf_counter() - began
+            self.capture_s = took if not self.captures else (self.capture_s + took) / 2
+            while len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
             self.graphs[key] = cached
-            self.nbytes += cached.nbytes
             self.captures += 1
         self.graphs.move_to_end(key)
-        static = cached.inputs
+        self._load(cached.inputs, inputs)
+        cached.graph.replay()
+        self.replays += 1
+        x_grad, dk, dv = self.outputs
+        _, tokens, context = key
+        return x_grad[:tokens], dk[:context], dv[:context]
+
+    @staticmethod
+    def _load(static: LayerInputs, inputs: LayerInputs) -> None:
         for dst, src in ((static.x, inputs.x), (static.grad_out, inputs.grad_out), (static.dk, inputs.dk),
                          (static.dv, inputs.dv)):
             dst.copy_(src)
-        static.block_table.copy_(inputs.block_table)
-        cached.graph.replay()
-        self.replays += 1
-        return cached.outputs
+        static.block_table.copy_(inputs.block_table[:static.block_table.shape[0]])
+        static.start.fill_(inputs.start)
 
-    def _capture(self, bwd: "SequenceBackward", key: tuple[int, int, int, int], inputs: LayerInputs,
+    def _capture(self, bwd: "SequenceBackward", key: tuple[int, int, int], inputs: LayerInputs,
                  params: list[torch.Tensor]) -> _Captured:
-        layer_idx, _, start, _ = key
+        layer_idx, tokens, context = key
+        cache = bwd.kv_caches[layer_idx]
+        if self.outputs is None:
+            most = context_bucket(self.max_tokens)
+            self.outputs = (inputs.x.new_empty(self.max_tokens, inputs.x.shape[1]),
+                            cache[0].new_empty(most, *cache[0].shape[2:]), cache[1].new_empty(most, *cache[1].shape[2:]))
         static = self.statics.get(key[1:])
         if static is None:
-            static = LayerInputs(inputs.x.clone(), inputs.block_table.clone(), inputs.grad_out.clone(),
-                                 inputs.dk.clone(), inputs.dv.clone())
+            blocks = -(-context // cache[0].shape[1])
+            static = LayerInputs(inputs.x.clone(), inputs.block_table[:blocks].clone(), inputs.grad_out.clone(),
+                                 inputs.dk.clone(), inputs.dv.clone(),
+                                 torch.zeros((), dtype=torch.long, device=inputs.x.device))
             self.statics[key[1:]] = static
+        self._load(static, inputs)
+        x_out, dk_out, dv_out = self.outputs
 
-        def fn() -> tuple:
-            return layer_grads(bwd.model, layer_idx, bwd.kv_caches[layer_idx], bwd.adapter, start, static, params)
+        def fn() -> None:
+            x_grad, past_k, past_v, param_grads = layer_grads(bwd.model, layer_idx, cache, bwd.adapter, static,
+                                                              params, context=context)
+            x_out[:tokens].copy_(x_grad)
+            dk_out[:context].copy_(past_k)
+            dv_out[:context].copy_(past_v)
+            torch._foreach_add_([p.grad for p in params], param_grads)
 
         if key[1:] not in self.warmed:   # plans and workspaces are made outside the capture, once per shape
+            grads = [p.grad.clone() for p in params]          # the warm-up must not count twice
             side = self.side = self.side or torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 fn()
             torch.cuda.current_stream().wait_stream(side)
+            torch._foreach_copy_([p.grad for p in params], grads)
             self.warmed.add(key[1:])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            outputs = fn()
+            fn()
         self.pool = graph.pool()
-        x_grad, past_k, past_v, param_grads = outputs
-        nbytes = sum(t.numel() * t.element_size() for t in (x_grad, past_k, past_v, *param_grads))
-        return _Captured(graph, static, outputs, nbytes)
+        return _Captured(graph, static)

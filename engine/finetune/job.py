@@ -163,7 +163,7 @@ class FinetuneJob:
             self.adapter.load(self.init_modules)
         self.resume = self.init_modules = None
         cfg = eng.config
-        self.unit_graphs = UnitGraphs(eng.finetune.warmed_shapes) \
+        self.unit_graphs = UnitGraphs(eng.finetune.warmed_shapes, eng.max_model_len) \
             if cfg.use_fast_path and cfg.cuda_graphs and cfg.device.startswith("cuda") else None
         self.slot = eng.loras.reserve_training_slot()
         eng.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
@@ -326,7 +326,7 @@ class FinetuneJob:
             return
         t = self.spec.training
         params = self.adapter.parameters()
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in params]
         loss = torch.as_tensor(self.step_loss, dtype=torch.float32, device=params[0].device)
         loss = loss / max(1, self.step_targets)
         grads_ok = torch.isfinite(loss) & _all_finite(grads)
@@ -336,7 +336,7 @@ class FinetuneJob:
         self.optimizer.step()
         weights_ok = _all_finite(params)
         self.lr_sched.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)
         self.engine.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
         flags = torch.stack([loss, grads_ok.float(), weights_ok.float()])
         event = None

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("coserve.finetune")
 
 STEP_PATIENCE = 8  # iterations the unit that ends an optimizer step waits for room before it runs regardless
-CAPTURE_COST = 2   # capturing a unit's graph (the capture, then its replay) costs about this many eager units
+CAPTURE_COST = 2   # capturing a unit's graph (the capture, then its replay) costs at least this many eager units
 
 
 class JobError(ValueError):
@@ -145,7 +145,7 @@ class FinetuneManager:
         self.stopping = threading.Event()              # set from any thread: checkpoint and stop every job
         self.stopped = threading.Event()               # set by the engine thread once that is done
         self.stop_requested = 0.0                      # time.monotonic() of the first stop request
-        self.warmed_shapes: set[tuple[int, int, int]] = set()   # unit shapes run once outside a graph capture
+        self.warmed_shapes: set[tuple[int, int]] = set()   # unit shapes run once outside a graph capture
 
     # ---- admission and ownership --------------------------------------------------------------------
     def check_new(self, spec: JobSpec, replace: bool = False) -> None:
@@ -367,7 +367,8 @@ class FinetuneManager:
             while job.active and job.backward is not None:
                 bwd = job.backward
                 tokens, start, graphed = bwd.next_unit_tokens(), bwd.next_unit_start(), bwd.next_graphed()
-                capture_s = CAPTURE_COST * cost.unit_s(tokens, eager=True, start=start)
+                capture_s = max(CAPTURE_COST * cost.unit_s(tokens, eager=True, start=start),
+                                bwd.graphs.capture_s if bwd.graphs is not None else 0.0)
                 capture = graphed is False and (must_progress or capture_s <= time_left)
                 seconds = capture_s if capture else cost.unit_s(tokens, eager=not graphed, start=start)
                 ends_step = job.unit_ends_step()
