@@ -25,6 +25,13 @@ def kv_splits(batch: int, kv_heads: int, sms: int = 132) -> int:
     return max(1, min(16, -(-2 * sms // max(1, batch * kv_heads))))
 
 
+def mixed_kv_splits(bucket: int, kv_heads: int) -> int:
+    """Key splits of a mixed iteration's attention, fixed per token bucket (graphs): a short prompt after a
+    prefix-cache hit is one or two query tiles walking a long cached prefix, which alone would leave most
+    multiprocessors idle; larger buckets have query tiles enough."""
+    return kv_splits(-(-bucket // 16), kv_heads) if bucket <= 32 else 1
+
+
 def chunk_slots(table: list[int], start: int, length: int, block_size: int) -> np.ndarray:
     pos = np.arange(start, start + length)
     return np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
@@ -308,7 +315,7 @@ class MixedGraphs:
         if with_capture and self.captured is None:
             self.captured = self.model.lm_head.weight.new_empty(cfg.num_layers + 1, self.max_tokens, cfg.hidden_size)
         attn = AttentionMetadata(self.slots[:bucket], self.query_start, self.seq_lens, self.tables, bucket,
-                                 self.width * self.block_size)
+                                 self.width * self.block_size, mixed_kv_splits(bucket, cfg.num_kv_heads))
         batch = ForwardBatch(self.ids[:bucket], self.positions[:bucket], attn,
                              LoRABatch(self.token_lora[:bucket], with_lora, self.loras.max_loras),
                              self.logit_rows[:rows], self.capture[:bucket] if with_capture else None,
