@@ -261,7 +261,7 @@ class UnitGraphs:
         self.side: torch.cuda.Stream | None = None   # one warm-up stream, so its cached blocks are reused
         self.warmed = warmed        # shapes already run once outside a capture (shared by the engine's jobs)
         self.captures = self.replays = 0
-        self.capture_s = 0.0        # host seconds of a capture, measured (the planner's price for the next one)
+        self.capture_s = 0.0        # host seconds of a capture (without a shape's one-time warm-up), measured
 
     def has(self, key: tuple[int, int, int]) -> bool:
         return key in self.graphs
@@ -272,10 +272,7 @@ class UnitGraphs:
         shared outputs (dL/dx, dL/d past keys, dL/d past values), valid until the next replay."""
         cached = self.graphs.get(key)
         if cached is None:
-            began = time.perf_counter()
             cached = self._capture(bwd, key, inputs, params)
-            took = time.perf_counter() - began
-            self.capture_s = took if not self.captures else (self.capture_s + took) / 2
             while len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             self.graphs[key] = cached
@@ -331,8 +328,11 @@ class UnitGraphs:
             torch.cuda.current_stream().wait_stream(side)
             torch._foreach_copy_([p.grad for p in params], grads)
             self.warmed.add(key[1:])
+        began = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             fn()
         self.pool = graph.pool()
+        took = time.perf_counter() - began
+        self.capture_s = took if not self.captures else (self.capture_s + took) / 2
         return _Captured(graph, static)

@@ -293,12 +293,14 @@ class FinetuneJob:
     def unit_span(self, length: int) -> int:
         """Positions per backward unit: the whole sequence when a unit of it fits in its share of the target,
         else the largest power of two whose last (most attending) span does (so spans, hence graph shapes, recur),
-        at least MIN_SPAN."""
+        at least MIN_SPAN, and no smaller than where a unit's fixed cost is half of it (smaller units would not
+        fit any better, only run more of them)."""
         cost, room = self.engine.cost, UNIT_SHARE * self.engine.config.tpot_slo_ms / 1000
         if cost.unit_s(length) <= room:
             return length
+        fixed = cost.unit_s(0)
         span = 1 << max(0, (length - 1).bit_length() - 1)       # the largest power of two below the length
-        while span > MIN_SPAN and cost.unit_s(span, start=length - span) > room:   # the last span costs most
+        while span > MIN_SPAN and room < cost.unit_s(span, start=length - span) > 2 * fixed:
             span //= 2
         return max(MIN_SPAN, span)
 
