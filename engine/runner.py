@@ -340,10 +340,19 @@ class MixedGraphs:
         return graph
 
     @torch.no_grad()
-    def capture_all(self) -> None:
-        """Capture the base-model graph of every bucket up front (largest first)."""
+    def capture_all(self, with_lora: bool = False, with_capture: bool = False) -> None:
+        """Capture every bucket's graph of this kind up front (largest first): the base model's at start, the
+        finetuning forward's (adapters, kept rows) when a job starts, so no serving iteration pays a capture."""
+        self._drop_stale_lora_graphs()
         for bucket in reversed(self.buckets):
-            self.graphs[(bucket, False, False)] = self._capture(bucket, False, False)
+            if (bucket, with_lora, with_capture) not in self.graphs:
+                self.graphs[(bucket, with_lora, with_capture)] = self._capture(bucket, with_lora, with_capture)
+                self.captures += with_lora or with_capture
+
+    def _drop_stale_lora_graphs(self) -> None:
+        if self.loras.version != self.lora_version:      # stacks reallocated: LoRA graphs hold stale pointers
+            self.graphs = {k: v for k, v in self.graphs.items() if not k[1]}
+            self.lora_version = self.loras.version
 
     def prepare(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[Packed, tuple[int, bool, bool]]:
         """Fill the static buffers with the iteration; returns it packed and the key of the graph that runs it:
@@ -357,9 +366,7 @@ class MixedGraphs:
 
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The iteration's `outputs`, from its graph (captured first if it has none)."""
-        if self.loras.version != self.lora_version:      # stacks reallocated: LoRA graphs hold stale pointers
-            self.graphs = {k: v for k, v in self.graphs.items() if not k[1]}
-            self.lora_version = self.loras.version
+        self._drop_stale_lora_graphs()
         p, key = self.prepare(chunks, blocks)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
@@ -417,6 +424,12 @@ class Runner:
         if self.graphs is not None:
             self.graphs.capture_all()
             self.mixed.capture_all()
+
+    def prepare_finetuning(self) -> None:
+        """A finetuning job starts: capture the mixed graphs its forward chunks will replay (adapter rows, kept
+        layer inputs) now rather than one by one inside serving iterations."""
+        if self.mixed is not None:
+            self.mixed.capture_all(with_lora=True, with_capture=True)
 
     def captures(self) -> int:
         """Graphs captured while serving so far (an iteration that captured one took host time, not GPU time)."""

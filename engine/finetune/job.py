@@ -167,6 +167,7 @@ class FinetuneJob:
             if cfg.use_fast_path and cfg.cuda_graphs and cfg.device.startswith("cuda") else None
         self.slot = eng.loras.reserve_training_slot()
         eng.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
+        eng.runner.prepare_finetuning()
         self.state, self.started = JobState.RUNNING, time.time()
         log.info("job %s started at step %d of %d", self.spec.id, self.step, self.total_steps,
                  extra={"event": "job_started", "job_id": self.spec.id, "step": self.step})
