@@ -105,16 +105,18 @@ def test_cuda_graph_mixed_iterations_equal_eager(llama_dir, tmp_path):
     assert outs[1] == outs[0]
 
 
-def test_mixed_graph_static_buffers_equal_the_plain_batch(llama_dir, tmp_path):
+@pytest.mark.parametrize("fast", [False, True], ids=["twins", "triton"])
+def test_mixed_graph_static_buffers_equal_the_plain_batch(llama_dir, tmp_path, fast):
     """What a mixed-iteration graph records, run eagerly here: the iteration padded to its token bucket (padding
     tokens, padding sequences, stale rows of earlier iterations) gives the plain batch's logits and kept layer
-    inputs, and writes the same KV cache."""
+    inputs, and writes the same KV cache. With the Triton kernels, small buckets split the attention's keys
+    (`mixed_kv_splits`) where the plain batch's prefill does not."""
     from coserve.engine.runner import MixedGraphs
 
     adapters = {"qv": make_peft_adapter(llama_dir, tmp_path / "qv", 3, **ADAPTERS["qv-r4"])}
     results = []
     for static in (False, True):
-        engine = make_engine(llama_dir, dtype="float32", max_loras=4, max_num_seqs=8)
+        engine = make_engine(llama_dir, dtype="float32", max_loras=4, max_num_seqs=8, fast_path=fast)
         engine.loras.load("qv", adapters["qv"])
         seqs = [Sequence("a", list(range(3, 30)), SamplingParams()), Sequence("b", list(range(40, 52)),
                                                                               SamplingParams()),
