@@ -1,13 +1,19 @@
-"""Iteration time against work: a start-up profile gives the prior, then every measured iteration refines it
-(online least squares over a window, pulled toward the prior), with a margin from the recent under-predictions,
-so the planner fills each iteration up to the latency target but not past it."""
+"""Iteration time against work, learned per kind of work. Each piece of an iteration (the forward, each backward
+unit, the optimizer step) is timed on the device by its own CUDA events, read once they have completed (no sync),
+so each kind is learned from its own measurements: the forward as a line in tokens and attention pairs, a backward
+unit per shape (a job's unit shapes recur, so the last few timings of the same shape price it best), the step by its
+recent median. A start-up profile is the prior. A margin from whole measured iterations against their predictions
+covers what no piece shows (host gaps between pieces), so the planner fills each iteration up to the latency target
+but not past it."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -15,31 +21,13 @@ import torch
 if TYPE_CHECKING:
     from coserve.engine.engine import LLMEngine
 
-WINDOW = 256            # iterations the fit looks back on
-REFIT_EVERY = 16        # observations between refits
-PRIOR_WEIGHT = 0.01     # the prior's pull, against one iteration's squared relative error
+WINDOW = 256            # measurements each fit looks back on
+REFIT_EVERY = 16        # measurements between refits
+PRIOR_WEIGHT = 0.01     # the prior's pull, against one measurement's squared relative error
 MAX_MARGIN = 2.0        # past this the fit is not the problem (a noisy host): plan on the fit, do not starve
+SHAPE_SAMPLES = 8       # recent timings kept per unit shape (and of the optimizer step)
 
-
-@dataclass(frozen=True)
-class Work:
-    """What one iteration ran: the features the cost model prices."""
-
-    forward_tokens: int = 0      # prefill, finetuning-forward and decode tokens in the forward, if one ran
-    units: int = 0               # backward units
-    unit_tokens: int = 0         # their tokens
-    optimizer_steps: int = 0
-    saved: bool = False          # a checkpoint was written or a CUDA graph captured (host time, not learned)
-    graphed_forward: bool = False  # the forward replayed a CUDA graph (no per-kernel launches)
-    eager_units: int = 0         # units that ran eagerly, not as graph replays
-    forward_context: int = 0     # attention pairs of the forward: sum over chunks of length * (start + length)
-    unit_context: int = 0        # the same over the units (a unit late in a long sequence attends to all before it)
-
-    def features(self) -> list[float]:
-        forward = self.forward_tokens > 0
-        return [float(forward and not self.graphed_forward), float(self.forward_tokens), float(self.units),
-                float(self.unit_tokens), float(self.optimizer_steps), float(forward and self.graphed_forward),
-                float(self.eager_units), float(self.forward_context), float(self.unit_context)]
+HEAD, GRAPH, EAGER = "head", "graph", "eager"   # a loss-head unit; a layer unit replayed from its graph; launched
 
 
 def context(start: int, length: int) -> int:
@@ -47,48 +35,86 @@ def context(start: int, length: int) -> int:
     return length * (start + length)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One backward unit as the cost model prices it: its kind, its tokens and the past keys it attends to (for a
+    graphed unit, its bucket of them: what its graph computes)."""
+
+    kind: str
+    tokens: int
+    past: int = 0
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.kind, self.tokens, self.past
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One iteration's forward: its tokens, their attention pairs, and whether it replayed a CUDA graph."""
+
+    tokens: int
+    pairs: int = 0
+    graphed: bool = False
+
+    def features(self) -> list[float]:
+        return [float(not self.graphed), float(self.graphed), float(self.tokens), float(self.pairs)]
+
+
+STEP = "step"
+Piece = Union[Forward, Unit, str]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one iteration ran: the pieces the cost model prices."""
+
+    forward: Forward | None = None
+    units: tuple[Unit, ...] = ()
+    optimizer_steps: int = 0
+    saved: bool = False          # a checkpoint was written or a CUDA graph captured (host time, not learned)
+
+
 @dataclass
 class CostModel:
+    """The prior's coefficients (a start-up profile, or given), and what measurements taught since (`learn`)."""
+
     fwd_fixed_s: float                   # an eagerly launched forward
     fwd_per_token_s: float
     unit_fixed_s: float                  # a backward unit replayed from its CUDA graph (or any unit, on a CPU)
     unit_per_token_s: float
-    step_s: float = 0.0                  # an optimizer step (learned; the profile leaves it at 0)
+    step_s: float = 0.0                  # an optimizer step
     graph_fwd_fixed_s: float | None = None  # a forward replayed from a CUDA graph; None: as an eager one
     eager_unit_s: float = 0.0            # what an eagerly launched unit costs beyond a replayed one
     fwd_per_pair_s: float = 0.0          # per attention pair of a forward (all layers)
     unit_per_pair_s: float = 0.0         # per attention pair of a unit (one layer, recomputed and backward)
     margin: float = 1.0                  # predictions are multiplied by this (>= 1) when planning
-    learn: bool = False                  # refine from measured iterations (the profiled model does; a given one is fixed)
-    error: float | None = None           # median relative prediction error over the window, at the last refit
-    prior: tuple[float, ...] | None = field(default=None, repr=False)
-    _seen: deque = field(default_factory=lambda: deque(maxlen=WINDOW), repr=False)
-    _since_fit: int = field(default=0, repr=False)
+    learn: bool = False                  # refine from measurements (the profiled model does; a given one is fixed)
+    error: float | None = None           # median relative error of iteration predictions over the window
+    _forwards: deque = field(default_factory=lambda: deque(maxlen=WINDOW), repr=False)
+    _forward_prior: np.ndarray | None = field(default=None, repr=False)
+    _units: dict = field(default_factory=dict, repr=False)          # Unit.key -> recent seconds
+    _kind_scale: dict = field(default_factory=dict, repr=False)     # kind -> measured over prior, across its shapes
+    _steps: deque = field(default_factory=lambda: deque(maxlen=SHAPE_SAMPLES), repr=False)
+    _iterations: deque = field(default_factory=lambda: deque(maxlen=WINDOW), repr=False)
+    _since_forward_fit: int = field(default=0, repr=False)
+    _since_margin: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.graph_fwd_fixed_s is None:
             self.graph_fwd_fixed_s = self.fwd_fixed_s
-        if self.prior is None:
-            self.prior = self.params()
+        self._forward_prior = self._forward_theta()
 
-    def params(self) -> tuple[float, ...]:
-        """The coefficients, in the order of `Work.features` (and of the constructor)."""
-        return (self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s,
-                self.graph_fwd_fixed_s, self.eager_unit_s, self.fwd_per_pair_s, self.unit_per_pair_s)
-
-    def predict(self, work: Work) -> float:
-        return float(np.dot(work.features(), self.params()))
-
+    # ---- prices (with the margin), for planning --------------------------------------------------------
     def forward_s(self, tokens: int, graphed: bool = False, pairs: int = 0) -> float:
         """A forward of `tokens` tokens whose attention covers `pairs` (query, key) pairs."""
-        fixed = self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s
-        return (fixed + self.fwd_per_token_s * tokens + self.fwd_per_pair_s * pairs) * self.margin
+        return self._forward(Forward(tokens, pairs, graphed)) * self.margin
 
-    def unit_s(self, tokens: int, eager: bool = False, start: int = 0) -> float:
-        """A backward unit of `tokens` positions after `start` earlier ones."""
-        extra = self.eager_unit_s if eager else 0.0
-        return (self.unit_fixed_s + extra + self.unit_per_token_s * tokens
-                + self.unit_per_pair_s * context(start, tokens)) * self.margin
+    def unit_s(self, unit: Unit) -> float:
+        return self._unit(unit) * self.margin
+
+    def optimizer_step_s(self) -> float:
+        return self._step() * self.margin
 
     def forward_tokens_within(self, seconds: float, fixed_paid: bool, graphed: bool = False, tokens: int = 0,
                               pairs: int = 0, start: int = 0, most: int = 1 << 30) -> int:
@@ -105,24 +131,74 @@ class CostModel:
                 hi = mid - 1
         return lo
 
-    def observe(self, work: Work, seconds: float) -> None:
-        """Record one measured iteration (with what was predicted for it); every REFIT_EVERY of them the fit and
-        the margin are updated."""
-        if not self.learn or work.saved or seconds <= 0 or work.forward_tokens + work.units == 0:
-            return
-        self._seen.append((work.features(), seconds, self.predict(work)))
-        self._since_fit += 1
-        if self._since_fit >= REFIT_EVERY:
-            self._since_fit = 0
-            self.refit()
+    def predict(self, work: Work) -> float:
+        """Seconds of an iteration, without the margin."""
+        return ((self._forward(work.forward) if work.forward is not None else 0.0)
+                + sum(self._unit(u) for u in work.units) + work.optimizer_steps * self._step())
 
-    def refit(self) -> None:
+    # ---- the model without the margin ---------------------------------------------------------------
+    def _forward_theta(self) -> np.ndarray:
+        return np.array([self.fwd_fixed_s, self.graph_fwd_fixed_s, self.fwd_per_token_s, self.fwd_per_pair_s])
+
+    def _forward(self, f: Forward) -> float:
+        return float(np.dot(f.features(), self._forward_theta()))
+
+    def _unit_prior(self, unit: Unit) -> float:
+        extra = self.eager_unit_s if unit.kind != GRAPH else 0.0
+        return (self.unit_fixed_s + extra + self.unit_per_token_s * unit.tokens
+                + self.unit_per_pair_s * context(unit.past, unit.tokens))
+
+    def _unit(self, unit: Unit) -> float:
+        seen = self._units.get(unit.key)
+        if seen:
+            return statistics.median(seen)
+        return self._unit_prior(unit) * self._kind_scale.get(unit.kind, 1.0)
+
+    def _step(self) -> float:
+        return statistics.median(self._steps) if self._steps else self.step_s
+
+    # ---- learning ------------------------------------------------------------------------------------
+    def observe_piece(self, piece: Piece, seconds: float) -> None:
+        """One piece's measured device time."""
+        if not self.learn or seconds <= 0:
+            return
+        if isinstance(piece, Forward):
+            self._forwards.append((piece.features(), seconds))
+            self._since_forward_fit += 1
+            if self._since_forward_fit >= REFIT_EVERY:
+                self._since_forward_fit = 0
+                self._fit_forward()
+        elif isinstance(piece, Unit):
+            self._units.setdefault(piece.key, deque(maxlen=SHAPE_SAMPLES)).append(seconds)
+            self._fit_kind_scale(piece.kind)
+        elif piece == STEP:
+            self._steps.append(seconds)
+
+    def observe(self, work: Work, seconds: float) -> None:
+        """One whole measured iteration: against what the pieces predict, it sets the margin and the error."""
+        if not self.learn or work.saved or seconds <= 0 or (work.forward is None and not work.units):
+            return
+        self._iterations.append((work, seconds, self.predict(work)))
+        self._since_margin += 1
+        if self._since_margin >= REFIT_EVERY:
+            self._since_margin = 0
+            ratios = [t / max(self.predict(w), 1e-9) for w, t, _ in self._iterations]
+            self.margin = float(min(MAX_MARGIN, max(1.0, np.quantile(ratios, 0.99))))
+            self.error = float(np.median([abs(p - t) / t for _, t, p in self._iterations]))
+
+    def _fit_kind_scale(self, kind: str) -> None:
+        """Shapes of a kind not measured yet are priced at the prior times what that kind measured against it."""
+        ratios = [statistics.median(s) / max(self._unit_prior(Unit(*k)), 1e-12)
+                  for k, s in self._units.items() if k[0] == kind]
+        self._kind_scale[kind] = statistics.median(ratios)
+
+    def _fit_forward(self) -> None:
         """Least squares of the relative error over the window, each coefficient pulled weakly toward the prior
-        (which alone decides those the window never exercised, e.g. unit costs while no job trains) and kept
-        >= 0; the margin covers the 99th percentile of how much the refit model under-predicts the window."""
-        x = np.array([f for f, _, _ in self._seen])
-        y = np.array([t for _, t, _ in self._seen])
-        prior = np.array(self.prior)
+        (which alone decides those the window never exercised, e.g. the eager fixed cost while every forward is
+        graphed) and kept >= 0."""
+        x = np.array([f for f, _ in self._forwards])
+        y = np.array([t for _, t in self._forwards])
+        prior = self._forward_prior
         rel = x / y[:, None]
         pull = np.sqrt(PRIOR_WEIGHT) * rel.mean(axis=0)
         theta = prior.copy()
@@ -138,49 +214,62 @@ class CostModel:
                 if v < 0:
                     theta[j] = 0.0
             free = [j for j, v in zip(free, sol) if v >= 0]
-        (self.fwd_fixed_s, self.fwd_per_token_s, self.unit_fixed_s, self.unit_per_token_s, self.step_s,
-         self.graph_fwd_fixed_s, self.eager_unit_s, self.fwd_per_pair_s, self.unit_per_pair_s) = map(float, theta)
-        ratios = y / np.maximum(x @ theta, 1e-9)
-        self.margin = float(min(MAX_MARGIN, max(1.0, np.quantile(ratios, 0.99))))
-        predicted = np.array([p for _, _, p in self._seen])
-        self.error = float(np.median(np.abs(predicted - y) / y))
+        self.fwd_fixed_s, self.graph_fwd_fixed_s, self.fwd_per_token_s, self.fwd_per_pair_s = map(float, theta)
 
     def to_dict(self) -> dict:
         return {"fwd_fixed_s": self.fwd_fixed_s, "graph_fwd_fixed_s": self.graph_fwd_fixed_s,
-                "fwd_per_token_s": self.fwd_per_token_s, "unit_fixed_s": self.unit_fixed_s,
-                "unit_per_token_s": self.unit_per_token_s, "step_s": self.step_s, "eager_unit_s": self.eager_unit_s,
-                "fwd_per_pair_s": self.fwd_per_pair_s, "unit_per_pair_s": self.unit_per_pair_s,
-                "margin": self.margin}
+                "fwd_per_token_s": self.fwd_per_token_s, "fwd_per_pair_s": self.fwd_per_pair_s,
+                "unit_prior": {"fixed_s": self.unit_fixed_s, "per_token_s": self.unit_per_token_s,
+                               "eager_s": self.eager_unit_s, "per_pair_s": self.unit_per_pair_s},
+                "unit_kind_scale": dict(self._kind_scale),
+                "unit_shapes_s": {f"{k}/{n}/{p}": statistics.median(s) for (k, n, p), s in sorted(self._units.items())},
+                "step_s": self._step(), "margin": self.margin, "error": self.error}
 
 
-class IterationClock:
-    """Times iterations without a host sync: on CUDA, events around each iteration are read once they have
-    completed (an iteration or two later); on the CPU the wall time is the iteration time."""
+class DeviceClock:
+    """Times iterations and their pieces without a host sync: on CUDA, events around each are read once they have
+    completed (an iteration or two later); on the CPU the wall time is the device time."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
         self._pending: deque = deque()
         self._start: torch.cuda.Event | float | None = None
 
-    def start(self) -> None:
-        if self.cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._start = time.perf_counter()
-
-    def stop(self, work: Work) -> list[tuple[Work, float]]:
-        """Close the iteration started last; returns every (work, seconds) whose timing is now known."""
+    def _mark(self) -> torch.cuda.Event | float:
         if not self.cuda:
-            return [(work, time.perf_counter() - self._start)]
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self._pending.append((self._start, end, work))
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _close(self, what: Work | Piece, start: torch.cuda.Event | float) -> None:
+        end = self._mark()
+        self._pending.append((what, start, end))
+
+    @contextlib.contextmanager
+    def timing(self, piece: Piece | None) -> Iterator[None]:
+        """Time the device work queued inside the block as `piece` (None: do not time it)."""
+        start = self._mark() if piece is not None else None
+        yield
+        if piece is not None:
+            self._close(piece, start)
+
+    def start(self) -> None:
+        self._start = self._mark()
+
+    def stop(self, work: Work) -> list[tuple[Work | Piece, float]]:
+        """Close the iteration started last; returns every (iteration work or piece, seconds) now known."""
+        self._close(work, self._start)
         done = []
-        while self._pending and self._pending[0][1].query():
-            start, end, w = self._pending.popleft()
-            done.append((w, start.elapsed_time(end) / 1000))
+        while self._pending and (not self.cuda or self._pending[0][2].query()):
+            what, start, end = self._pending.popleft()
+            done.append((what, end - start if not self.cuda else start.elapsed_time(end) / 1000))
         return done
+
+    def discard(self) -> None:
+        """Forget the pieces timed since the iteration started (it captured a graph: host time, not learned)."""
+        while self._pending and not isinstance(self._pending[-1][0], Work):
+            self._pending.pop()
 
 
 def _line(x: tuple[int, int], y: tuple[float, float]) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from coserve.engine.config import EngineConfig
-from coserve.engine.cost_model import CostModel, IterationClock, Work, context, profile
+from coserve.engine.cost_model import CostModel, DeviceClock, Forward, Work, context, profile
 from coserve.engine.detokenizer import IncrementalDetokenizer
 from coserve.engine.finetune.manager import BackwardWork, FinetuneManager
 from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
@@ -74,8 +74,8 @@ class LLMEngine:
         self.finetune = FinetuneManager(self, config.max_finetune_jobs, config.finetune_kv_reserve)
         self.mode = ServingPolicy(config.mode, config.temporal_interval)
         self.runner.warmup()
+        self.clock = DeviceClock(config.device)
         self.cost = cost_model or profile(self)
-        self.clock = IterationClock(config.device)
 
     def _blocks_for_memory(self, dtype: torch.dtype) -> int:
         per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype)
@@ -147,9 +147,10 @@ class LLMEngine:
                                                    self.runner.mixed is not None)
         forward_tokens = inference_tokens + sum(c.length for c in ft_chunks)
         pairs = inference_pairs + sum(context(c.start, c.length) for c in ft_chunks)
-        graphed = self.runner.graphed(chunks + ft_chunks)
-        left = budget - (self.cost.forward_s(forward_tokens, graphed, pairs) if forward_tokens else 0.0)
-        flight = self.runner.launch(chunks + ft_chunks) if chunks or ft_chunks else None
+        forward = Forward(forward_tokens, pairs, self.runner.graphed(chunks + ft_chunks)) if forward_tokens else None
+        left = budget - (self.cost.forward_s(forward_tokens, forward.graphed, pairs) if forward else 0.0)
+        with self.clock.timing(forward):
+            flight = self.runner.launch(chunks + ft_chunks) if forward else None
         for c in chunks:
             c.seq.num_computed += c.length
         outputs = self._emit()
@@ -165,15 +166,18 @@ class LLMEngine:
         if not self.config.overlap_outputs or not self.scheduler.has_work():
             outputs += self._emit()
         steps_after, saves_after = self.finetune.counters()
-        work = Work(forward_tokens, backward.units, backward.tokens, steps_after - steps,
-                    saves_after > saves or backward.captures > 0 or self.runner.captures() > captures, graphed,
-                    backward.eager, pairs if forward_tokens else 0, backward.pairs)
-        for done, seconds in self.clock.stop(work):
-            self.cost.observe(done, seconds)
+        saved = saves_after > saves or backward.captures > 0 or self.runner.captures() > captures
+        if saved:
+            self.clock.discard()
+        for done, seconds in self.clock.stop(Work(forward, tuple(backward.run), steps_after - steps, saved)):
+            if isinstance(done, Work):
+                self.cost.observe(done, seconds)
+            else:
+                self.cost.observe_piece(done, seconds)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
         self.last_step = StepStats(inference_tokens - decode, decode, forward_tokens - inference_tokens,
                                    backward.units, backward.tokens, time.perf_counter() - start, backward.eager,
-                                   backward.captures, graphed)
+                                   backward.captures, forward is not None and forward.graphed)
         return outputs
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:

@@ -325,7 +325,10 @@ class MixedGraphs:
     @torch.no_grad()
     def _capture(self, bucket: int, with_lora: bool, with_capture: bool) -> torch.cuda.CUDAGraph:
         saved = self.dev64.clone(), self.dev32.clone()
+        self.dev64.zero_()                   # a larger iteration's rows (logits, kept) would index past this bucket
+        self.dev32.zero_()
         self.slots.fill_(-1)                 # the warm-up and the capture write no KV
+        self.token_lora.fill_(-1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -105,6 +105,21 @@ def test_cuda_graph_mixed_iterations_equal_eager(llama_dir, tmp_path):
     assert outs[1] == outs[0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+def test_a_job_starting_after_a_large_mixed_iteration_captures_its_graphs_and_serving_goes_on(llama_dir, tmp_path):
+    """A finetuning job's start captures the small buckets' graphs after a large prompt left row indices (logits,
+    kept rows) past them in the static buffers: the captures must not read them, and serving continues exactly."""
+    prompt = list(range(5, 5 + 50))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = make_engine(llama_dir, device="cuda", dtype="float32", cuda_graphs=True, max_num_seqs=8,
+                         max_batched_tokens=64)
+    before = engine.generate([prompt], params)[0].output_ids
+    engine.runner.prepare_finetuning()
+    torch.cuda.synchronize()
+    assert engine.runner.mixed.graphs.keys() >= {(b, True, True) for b in engine.runner.mixed.buckets}
+    assert engine.generate([prompt], params)[0].output_ids == before
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["twins", "triton"])
 def test_mixed_graph_static_buffers_equal_the_plain_batch(llama_dir, tmp_path, fast):
     """What a mixed-iteration graph records, run eagerly here: the iteration padded to its token bucket (padding

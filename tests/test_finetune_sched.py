@@ -7,7 +7,7 @@ import json
 import pytest
 
 from coserve_testlib import make_engine
-from coserve.engine.cost_model import CostModel
+from coserve.engine.cost_model import EAGER, CostModel, Unit
 from coserve.engine.finetune.job import JobState
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
@@ -202,8 +202,8 @@ def test_unit_spans_fit_the_target_where_they_attend_to_most(llama_dir, tmp_path
         engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=20.0, cost_model=cost)
         job = build_job(engine, spec(name))
         spans[name] = span = job.unit_span(8192)
-        assert cost.unit_s(span, start=8192 - span) <= 0.010 or span == 16
-        assert span == 8192 or cost.unit_s(2 * span, start=8192 - 2 * span) > 0.010
+        assert cost.unit_s(Unit(EAGER, span, 8192 - span)) <= 0.010 or span == 16
+        assert span == 8192 or cost.unit_s(Unit(EAGER, 2 * span, 8192 - 2 * span)) > 0.010
     assert spans["quadratic"] < spans["flat"]
 
 
@@ -215,5 +215,5 @@ def test_unit_spans_stop_shrinking_where_the_fixed_cost_dominates(llama_dir, tmp
     engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=20.0, cost_model=cost)
     job = build_job(engine, spec("fixed"))
     span = job.unit_span(8192)
-    assert cost.unit_s(16) > 0.010, "no span fits the share: shrinking alone would go to the minimum"
+    assert cost.unit_s(Unit(EAGER, 16)) > 0.010, "no span fits the share: shrinking alone would go to the minimum"
     assert span == 4096, span

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from coserve.engine.cost_model import EAGER, GRAPH, HEAD, Unit
 from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.dataset import IGNORE
 from coserve.engine.finetune.loss import linear_cross_entropy
@@ -108,11 +109,26 @@ class SequenceBackward:
         """The next unit finishes the sequence's backward."""
         return self.layer == 0 and self.span == 0
 
+    def next_capture_cost(self) -> float:
+        """Host seconds that capturing the next unit's graph would take (0 where it has no graph to capture)."""
+        if self.next_graphed() is not False:
+            return 0.0
+        return self.graphs.capture_cost(self._key(self.layer, self.spans[self.span]))
+
     def next_graphed(self) -> bool | None:
         """Whether the next unit replays a CUDA graph (True), could be captured (False), or runs eagerly (None)."""
         if self.graphs is None or self.layer < 0 or self.spans[self.span].dropout is not None:
             return None
         return self.graphs.has(self._key(self.layer, self.spans[self.span]))
+
+    def next_unit(self, eager: bool = False) -> Unit:
+        """The next unit as the cost model prices it: a loss head, a graph replay, or (`eager`, or no graph can
+        serve it) launched kernel by kernel; a layer unit's past keys are its bucket of them."""
+        span = self.spans[self.span]
+        if self.layer < 0:
+            return Unit(HEAD, span.length)
+        eager = eager or self.next_graphed() is None
+        return Unit(EAGER if eager else GRAPH, span.length, context_bucket(span.start))
 
     def _key(self, layer: int, span: Span) -> tuple[int, int, int]:
         return layer, span.length, context_bucket(span.start)
@@ -262,9 +278,14 @@ class UnitGraphs:
         self.warmed = warmed        # shapes already run once outside a capture (shared by the engine's jobs)
         self.captures = self.replays = 0
         self.capture_s = 0.0        # host seconds of a capture (without a shape's one-time warm-up), measured
+        self.warmup_s = 0.0         # host seconds of a shape's one-time warm-up, measured
 
     def has(self, key: tuple[int, int, int]) -> bool:
         return key in self.graphs
+
+    def capture_cost(self, key: tuple[int, int, int]) -> float:
+        """Host seconds measured for capturing this unit's graph, its shape's warm-up included if still due."""
+        return self.capture_s + (self.warmup_s if key[1:] not in self.warmed else 0.0)
 
     def run(self, bwd: "SequenceBackward", key: tuple[int, int, int], inputs: LayerInputs,
             params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,6 +341,7 @@ class UnitGraphs:
             torch._foreach_add_([p.grad for p in params], param_grads)
 
         if key[1:] not in self.warmed:   # plans and workspaces are made outside the capture, once per shape
+            began = time.perf_counter()
             grads = [p.grad.clone() for p in params]          # the warm-up must not count twice
             side = self.side = self.side or torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -328,6 +350,8 @@ class UnitGraphs:
             torch.cuda.current_stream().wait_stream(side)
             torch._foreach_copy_([p.grad for p in params], grads)
             self.warmed.add(key[1:])
+            took = time.perf_counter() - began
+            self.warmup_s = took if not self.warmup_s else (self.warmup_s + took) / 2
         began = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

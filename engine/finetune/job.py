@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from coserve.engine.cost_model import EAGER, GRAPH, STEP, Unit
 from coserve.engine.finetune.adapter import TrainAdapter
-from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs, grid_spans, to_device
+from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs, context_bucket, grid_spans, to_device
 from coserve.engine.finetune.checkpoint import Checkpoint, ResumeState, retained, save_checkpoint
 from coserve.engine.finetune.dataset import Example, epoch_order
 from coserve.engine.finetune.dropout import ChunkDropout
@@ -119,7 +120,8 @@ class FinetuneJob:
         self.backward: SequenceBackward | None = None
         self.unit_graphs: UnitGraphs | None = None    # this job's layer units as CUDA graphs (its adapter's tensors)
         self.seq_in_step = 0
-        self.step_waits = 0                       # iterations the step-ending unit found no room (never starved)
+        self.waits = 0                            # iterations its next backward unit found no room (never starved)
+        self.unit_spans: dict[int, int] = {}      # sequence length -> its unit span, fixed once chosen
         self.step_loss: torch.Tensor | float = 0.0    # summed on the device until the optimizer step reads it
         self.step_targets = 0
         self.pending: PendingStep | None = None   # the last optimizer step, until its checks reach the host
@@ -292,16 +294,26 @@ class FinetuneJob:
             self.acts, self.chunks = None, []
 
     def unit_span(self, length: int) -> int:
-        """Positions per backward unit: the whole sequence when a unit of it fits in its share of the target,
-        else the largest power of two whose last (most attending) span does (so spans, hence graph shapes, recur),
-        at least MIN_SPAN, and no smaller than where a unit's fixed cost is half of it (smaller units would not
-        fit any better, only run more of them)."""
+        """Positions per backward unit for sequences of `length`, chosen once for the job: the shapes of its units,
+        hence their warm-ups and CUDA graphs, then recur sequence after sequence."""
+        if length not in self.unit_spans:
+            self.unit_spans[length] = self._choose_span(length)
+        return self.unit_spans[length]
+
+    def _choose_span(self, length: int) -> int:
+        """The whole sequence when a unit of it fits in its share of the target, else the largest power of two
+        whose last (most attending) span does, at least MIN_SPAN, and no smaller than where a unit's fixed cost
+        is half of it (smaller units would not fit any better, only run more of them)."""
         cost, room = self.engine.cost, UNIT_SHARE * self.engine.config.tpot_slo_ms / 1000
-        if cost.unit_s(length) <= room:
+        kind = GRAPH if self.unit_graphs is not None else EAGER
+
+        def price(tokens: int, start: int = 0) -> float:
+            return cost.unit_s(Unit(kind, tokens, context_bucket(start) if kind == GRAPH else start))
+        if price(length) <= room:
             return length
-        fixed = cost.unit_s(0)
+        fixed = price(0)
         span = 1 << max(0, (length - 1).bit_length() - 1)       # the largest power of two below the length
-        while span > MIN_SPAN and room < cost.unit_s(span, start=length - span) > 2 * fixed:
+        while span > MIN_SPAN and room < price(span, length - span) > 2 * fixed:
             span //= 2
         return max(MIN_SPAN, span)
 
@@ -310,8 +322,12 @@ class FinetuneJob:
         return self.backward.next_is_last and self.seq_in_step + 1 == len(self._sequence_indices(self.step))
 
     def run_backward_unit(self, capture: bool = False) -> None:
-        """One backward unit; `capture`: a unit that has no CUDA graph yet gets one now."""
-        self.backward.run_unit(capture)
+        """One backward unit, timed on the device as the kind it runs as; `capture`: a unit that has no CUDA graph
+        yet gets one now (host time, not timed)."""
+        graphed = self.backward.next_graphed()
+        piece = None if capture and graphed is False else self.backward.next_unit(eager=graphed is False)
+        with self.engine.clock.timing(piece):
+            self.backward.run_unit(capture)
         if self.backward.done:
             self.step_loss += self.backward.loss_sum
             self.engine.blocks.release(self.seq.request_id)
@@ -327,6 +343,15 @@ class FinetuneJob:
         self.settle(wait=True)       # the previous step's checks (long done: a whole sequence ran since)
         if not self.active:
             return
+        with self.engine.clock.timing(STEP):
+            self._apply_step()
+        self.step += 1
+        self.seq_in_step = 0
+        every = self.spec.checkpoint_every
+        self.settle(wait=self.step == self.total_steps or bool(every and self.step % every == 0))
+
+    def _apply_step(self) -> None:
+        """Queue the update and its checks on the device (`pending` holds them until `settle`)."""
         t = self.spec.training
         params = self.adapter.parameters()
         grads = [p.grad for p in params]
@@ -348,11 +373,7 @@ class FinetuneJob:
             host.copy_(flags, non_blocking=True)
             flags, event = host, torch.cuda.Event()
             event.record()
-        self.step += 1
-        self.seq_in_step = 0
-        self.pending = PendingStep(self.step, flags, event)
-        every = self.spec.checkpoint_every
-        self.settle(wait=self.step == self.total_steps or bool(every and self.step % every == 0))
+        self.pending = PendingStep(self.step + 1, flags, event)
 
     def settle(self, wait: bool = False) -> None:
         """Take in the last optimizer step once its checks are on the host (`wait`: now): record its loss,

@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from coserve.engine.cost_model import CostModel, context
+from coserve.engine.cost_model import GRAPH, CostModel, Unit, context
 from coserve.engine.finetune.adapter import lora_shapes
 from coserve.engine.finetune.checkpoint import Checkpoint, CheckpointError, ResumeState, all_finite, verify_checkpoint
 from coserve.engine.finetune.dataset import DatasetError, read_examples, to_sequences
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coserve.finetune")
 
-STEP_PATIENCE = 8  # iterations the unit that ends an optimizer step waits for room before it runs regardless
+PATIENCE = 64      # iterations a job's next unit waits for room before it runs regardless (no job starves)
 CAPTURE_COST = 2   # capturing a unit's graph (the capture, then its replay) costs at least this many eager units
 
 
@@ -359,33 +359,37 @@ class FinetuneManager:
             self._guard(job, lambda: job.forward_done(chunk, acts))
 
     def run_backward(self, time_left: float, cost: CostModel, must_progress: bool) -> BackwardWork:
-        """Run backward units while their predicted cost fits in what is left of the iteration; with
-        `must_progress` (no inference this iteration) at least one runs. A unit without a CUDA graph gets one
-        where the iteration has room for the capture (always when nothing is served), else runs eagerly."""
+        """Run backward units while their priced cost fits in what is left of the iteration; with `must_progress`
+        (no inference this iteration) at least one runs, and a unit that found no room for PATIENCE iterations runs
+        first in the next. A unit without a CUDA graph gets one where the iteration has room for the capture (its
+        measured host time, the shape's warm-up included while due; always when nothing is served), else runs
+        eagerly."""
         done = BackwardWork()
         for job in self.active():
             while job.active and job.backward is not None:
                 bwd = job.backward
-                tokens, start, graphed = bwd.next_unit_tokens(), bwd.next_unit_start(), bwd.next_graphed()
-                capture_s = max(CAPTURE_COST * cost.unit_s(tokens, eager=True, start=start),
-                                bwd.graphs.capture_s if bwd.graphs is not None else 0.0)
+                graphed = bwd.next_graphed()
+                eager_price = cost.unit_s(bwd.next_unit(eager=True))
+                capture_s = max(CAPTURE_COST * eager_price, bwd.next_capture_cost())
                 capture = graphed is False and (must_progress or capture_s <= time_left)
-                seconds = capture_s if capture else cost.unit_s(tokens, eager=not graphed, start=start)
-                ends_step = job.unit_ends_step()
-                if ends_step:
-                    seconds += cost.step_s * cost.margin
-                overdue = ends_step and done.units == 0 and job.step_waits >= STEP_PATIENCE
+                unit = bwd.next_unit(eager=graphed is False)
+                seconds = capture_s if capture else cost.unit_s(unit)
+                if job.unit_ends_step():
+                    seconds += cost.optimizer_step_s()
+                overdue = done.units == 0 and job.waits >= PATIENCE
                 if seconds > time_left and not (must_progress and done.units == 0) and not overdue:
-                    job.step_waits += ends_step
+                    job.waits += 1
                     break
-                job.step_waits = 0
+                job.waits = 0
+                tokens, start = bwd.next_unit_tokens(), bwd.next_unit_start()
                 self._guard(job, lambda: job.run_backward_unit(capture))
                 time_left -= seconds
                 done.units += 1
                 done.tokens += tokens
                 done.pairs += context(start, tokens)
-                done.eager += not graphed and not capture
                 done.captures += capture
+                if not capture:
+                    done.run.append(unit)
         self.turn += 1
         self._activate()
         return done
@@ -398,5 +402,9 @@ class BackwardWork:
     units: int = 0
     tokens: int = 0
     pairs: int = 0
-    eager: int = 0
     captures: int = 0
+    run: list[Unit] = field(default_factory=list)   # the units that ran (not captured), as they were priced
+
+    @property
+    def eager(self) -> int:
+        return sum(u.kind != GRAPH for u in self.run)
