@@ -303,9 +303,10 @@ def _graph_replay_s(engine: "LLMEngine") -> tuple[int, float] | None:
 
 def profile(engine: "LLMEngine") -> CostModel:
     """The prior: time real forwards, a decode graph's replay and layer backward units (LoRA on every projection)
-    on a scratch sequence, and fit lines; units are timed eagerly (an upper bound for replayed ones)."""
+    on a scratch sequence, and fit lines. Units are timed as CUDA graph replays where the engine has graphs (what
+    a job's units run as, and what sizes their spans), and eagerly, whose extra launch time prices eager units."""
     from coserve.engine.finetune.adapter import TrainAdapter
-    from coserve.engine.finetune.backward import SequenceBackward, Span
+    from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs
     from coserve.engine.finetune.spec import LoRASpec
     from coserve.engine.model.llama import LORA_TARGETS
     from coserve.engine.runner import build_batch
@@ -318,7 +319,8 @@ def profile(engine: "LLMEngine") -> CostModel:
     seq = Sequence("profile", [1] * sizes[1], SamplingParams(max_tokens=1))
     engine.blocks.allocate(seq.request_id, sizes[1])
     adapter = TrainAdapter(engine.model, LoRASpec(r=16, target_modules=list(LORA_TARGETS)), seed=0)
-    fwd, unit = [], []
+    graphs = UnitGraphs(set(), sizes[1]) if engine.runner.graphs is not None and engine.config.use_fast_path else None
+    fwd, eager, graphed = [], [], []
     try:
         for n in sizes:
             chunk = Chunk(seq, 0, n, finetune=True)
@@ -333,13 +335,17 @@ def profile(engine: "LLMEngine") -> CostModel:
             fwd.append(_median_time(forward))
             table = torch.tensor(engine.blocks.tables[seq.request_id], device=engine.config.device)
 
-            def units(count: int) -> None:
+            def units(count: int, graph: UnitGraphs | None = None) -> None:
                 bwd = SequenceBackward(engine.model, adapter, forward(), [Span(0, n)], [1] * n, table,
-                                       engine.kv_caches, 1.0)
+                                       engine.kv_caches, 1.0, graph)
                 for _ in range(count):
-                    bwd.run_unit()   # the loss head, then the top layer
-            units(2)
-            unit.append(max(1e-9, _median_time(lambda: units(2)) - _median_time(lambda: units(1))))
+                    bwd.run_unit(capture=graph is not None)   # the loss head, then the top layer
+
+            def unit_time(graph: UnitGraphs | None) -> float:
+                units(2, graph)
+                return max(1e-9, _median_time(lambda: units(2, graph)) - _median_time(lambda: units(1, graph)))
+            eager.append(unit_time(None))
+            graphed.append(unit_time(graphs) if graphs is not None else eager[-1])
     finally:
         engine.blocks.release(seq.request_id)
     fwd_fixed, per_token = _line(sizes, tuple(fwd))
@@ -350,5 +356,6 @@ def profile(engine: "LLMEngine") -> CostModel:
     cfg = engine.model_config
     rate = 2 * sum(p.numel() for p in engine.model.parameters()) / max(per_token, 1e-12)
     per_pair = 4 * cfg.num_heads * cfg.head_dim / rate
-    return CostModel(fwd_fixed, per_token, *_line(sizes, tuple(unit)), graph_fwd_fixed_s=graph_fixed,
-                     fwd_per_pair_s=per_pair * cfg.num_layers, unit_per_pair_s=3 * per_pair, learn=True)
+    return CostModel(fwd_fixed, per_token, *_line(sizes, tuple(graphed)), graph_fwd_fixed_s=graph_fixed,
+                     eager_unit_s=max(0.0, eager[0] - graphed[0]), fwd_per_pair_s=per_pair * cfg.num_layers,
+                     unit_per_pair_s=3 * per_pair, learn=True)

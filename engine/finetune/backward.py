@@ -109,11 +109,12 @@ class SequenceBackward:
         """The next unit finishes the sequence's backward."""
         return self.layer == 0 and self.span == 0
 
-    def next_capture_cost(self) -> float:
-        """Host seconds that capturing the next unit's graph would take (0 where it has no graph to capture)."""
+    def next_capture_cost(self, prior: float) -> float:
+        """Seconds that capturing the next unit's graph would take (`prior` until a capture was measured; 0 where
+        it has no graph to capture)."""
         if self.next_graphed() is not False:
             return 0.0
-        return self.graphs.capture_cost(self._key(self.layer, self.spans[self.span]))
+        return self.graphs.capture_cost(self._key(self.layer, self.spans[self.span]), prior)
 
     def next_graphed(self) -> bool | None:
         """Whether the next unit replays a CUDA graph (True), could be captured (False), or runs eagerly (None)."""
@@ -283,9 +284,10 @@ class UnitGraphs:
     def has(self, key: tuple[int, int, int]) -> bool:
         return key in self.graphs
 
-    def capture_cost(self, key: tuple[int, int, int]) -> float:
-        """Host seconds measured for capturing this unit's graph, its shape's warm-up included if still due."""
-        return self.capture_s + (self.warmup_s if key[1:] not in self.warmed else 0.0)
+    def capture_cost(self, key: tuple[int, int, int], prior: float) -> float:
+        """Host seconds of capturing this unit's graph, its shape's warm-up included if still due: as measured, or
+        `prior` before any capture."""
+        return (self.capture_s if self.captures else prior) + (self.warmup_s if key[1:] not in self.warmed else 0.0)
 
     def run(self, bwd: "SequenceBackward", key: tuple[int, int, int], inputs: LayerInputs,
             params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("coserve.finetune")
 
 PATIENCE = 64      # iterations a job's next unit waits for room before it runs regardless (no job starves)
-CAPTURE_COST = 2   # capturing a unit's graph (the capture, then its replay) costs at least this many eager units
 
 
 class JobError(ValueError):
@@ -362,15 +361,14 @@ class FinetuneManager:
         """Run backward units while their priced cost fits in what is left of the iteration; with `must_progress`
         (no inference this iteration) at least one runs, and a unit that found no room for PATIENCE iterations runs
         first in the next. A unit without a CUDA graph gets one where the iteration has room for the capture (its
-        measured host time, the shape's warm-up included while due; always when nothing is served), else runs
-        eagerly."""
+        measured host time, the shape's warm-up included while due; before any capture, as much as the unit run
+        eagerly, whose launches it records; always when nothing is served), else runs eagerly."""
         done = BackwardWork()
         for job in self.active():
             while job.active and job.backward is not None:
                 bwd = job.backward
                 graphed = bwd.next_graphed()
-                eager_price = cost.unit_s(bwd.next_unit(eager=True))
-                capture_s = max(CAPTURE_COST * eager_price, bwd.next_capture_cost())
+                capture_s = bwd.next_capture_cost(prior=cost.unit_s(bwd.next_unit(eager=True)))
                 capture = graphed is False and (must_progress or capture_s <= time_left)
                 unit = bwd.next_unit(eager=graphed is False)
                 seconds = capture_s if capture else cost.unit_s(unit)
