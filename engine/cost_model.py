@@ -73,6 +73,7 @@ class Work:
     units: tuple[Unit, ...] = ()
     optimizer_steps: int = 0
     saved: bool = False          # a checkpoint was written or a CUDA graph captured (host time, not learned)
+    finetune: bool = False       # it carried finetuning work (forward chunks or units): what the planner sized
 
 
 @dataclass
@@ -175,8 +176,10 @@ class CostModel:
             self._steps.append(seconds)
 
     def observe(self, work: Work, seconds: float) -> None:
-        """One whole measured iteration: against what the pieces predict, it sets the margin and the error."""
-        if not self.learn or work.saved or seconds <= 0 or (work.forward is None and not work.units):
+        """One whole measured iteration that carried finetuning: against what its pieces predict, it sets the
+        margin and the error. Iterations of inference alone are not the planner's to size; their tails (a prefill
+        beside a host pause) would only starve finetuning."""
+        if not self.learn or work.saved or seconds <= 0 or not work.finetune:
             return
         self._iterations.append((work, seconds, self.predict(work)))
         self._since_margin += 1
@@ -335,15 +338,17 @@ def profile(engine: "LLMEngine") -> CostModel:
             fwd.append(_median_time(forward))
             table = torch.tensor(engine.blocks.tables[seq.request_id], device=engine.config.device)
 
-            def units(count: int, graph: UnitGraphs | None = None) -> None:
-                bwd = SequenceBackward(engine.model, adapter, forward(), [Span(0, n)], [1] * n, table,
-                                       engine.kv_caches, 1.0, graph)
-                for _ in range(count):
-                    bwd.run_unit(capture=graph is not None)   # the loss head, then the top layer
+            acts = forward()
 
             def unit_time(graph: UnitGraphs | None) -> float:
-                units(2, graph)
-                return max(1e-9, _median_time(lambda: units(2, graph)) - _median_time(lambda: units(1, graph)))
+                """The top layer's unit alone, after the loss head's (a graph is captured by the untimed first)."""
+                times = []
+                for _ in range(4):
+                    bwd = SequenceBackward(engine.model, adapter, acts, [Span(0, n)], [1] * n, table,
+                                           engine.kv_caches, 1.0, graph)
+                    bwd.run_unit()
+                    times.append(_median_time(lambda: bwd.run_unit(capture=graph is not None), repeats=1))
+                return statistics.median(times[1:])
             eager.append(unit_time(None))
             graphed.append(unit_time(graphs) if graphs is not None else eager[-1])
     finally:

@@ -173,7 +173,8 @@ class LLMEngine:
         saved = saves_after > saves or backward.captures > 0 or self.runner.captures() > captures
         if saved:
             self.clock.discard()
-        for done, seconds in self.clock.stop(Work(forward, tuple(backward.run), steps_after - steps, saved)):
+        work = Work(forward, tuple(backward.run), steps_after - steps, saved, bool(ft_chunks) or backward.units > 0)
+        for done, seconds in self.clock.stop(work):
             if isinstance(done, Work):
                 self.cost.observe(done, seconds)
             else:

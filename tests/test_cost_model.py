@@ -77,7 +77,7 @@ def test_the_optimizer_step_keeps_its_prior_until_timed():
 
 def random_work(rng: random.Random) -> Work:
     units = tuple(Unit(rng.choice([GRAPH, HEAD]), 256, rng.choice([0, 256, 512])) for _ in range(rng.randint(0, 6)))
-    return Work(random_forward(rng), units, int(bool(units) and rng.random() < 0.2))
+    return Work(random_forward(rng), units, int(bool(units) and rng.random() < 0.2), finetune=True)
 
 
 def test_the_margin_covers_what_the_pieces_miss_so_plans_stay_within_the_target():
@@ -99,10 +99,21 @@ def test_the_margin_covers_what_the_pieces_miss_so_plans_stay_within_the_target(
     assert overrun[int(0.99 * len(overrun))] <= 1.01, "p99 of iteration time within the target"
 
 
+def test_the_margin_is_set_by_iterations_that_carried_finetuning_not_by_inference_tails():
+    cost = CostModel(0.004, 2e-5, 0.002, 1e-5, learn=True)
+    rng = random.Random(3)
+    for i in range(16 * REFIT_EVERY):
+        w = random_work(rng)
+        cost.observe(w, cost.predict(w) * 1.1)
+        inference = Work(random_forward(rng))
+        cost.observe(inference, cost.predict(inference) * (3.0 if i % 20 == 0 else 1.0))   # a host pause, 5%
+    assert cost.margin == pytest.approx(1.1)
+
+
 def test_iterations_that_wrote_a_checkpoint_are_not_learned():
     cost = CostModel(0.004, 2e-5, 0.002, 1e-5, learn=True)
     for _ in range(4 * REFIT_EVERY):
-        cost.observe(Work(Forward(100), (Unit(GRAPH, 100),), 1, saved=True), 5.0)
+        cost.observe(Work(Forward(100), (Unit(GRAPH, 100),), 1, saved=True, finetune=True), 5.0)
     assert cost.margin == 1.0 and cost.error is None
 
 
@@ -113,7 +124,7 @@ def test_a_given_model_stays_fixed():
         cost.observe_piece(Forward(100), 1.0)
         cost.observe_piece(Unit(GRAPH, 100), 1.0)
         cost.observe_piece(STEP, 1.0)
-        cost.observe(Work(Forward(100), (Unit(GRAPH, 100),)), 3.0)
+        cost.observe(Work(Forward(100), (Unit(GRAPH, 100),), finetune=True), 3.0)
     assert cost.to_dict() == before and cost.margin == 1.0 and cost.error is None
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from coserve_testlib import make_engine
 from coserve.engine.cost_model import EAGER, CostModel, Unit
+from coserve.engine.finetune.backward import UnitGraphs
 from coserve.engine.finetune.job import JobState
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
@@ -217,3 +218,12 @@ def test_unit_spans_stop_shrinking_where_the_fixed_cost_dominates(llama_dir, tmp
     span = job.unit_span(8192)
     assert cost.unit_s(Unit(EAGER, 16)) > 0.010, "no span fits the share: shrinking alone would go to the minimum"
     assert span == 4096, span
+
+
+def test_a_capture_is_priced_as_its_eager_unit_until_one_is_measured_plus_a_warm_up_still_due():
+    graphs = UnitGraphs(set(), 1024)
+    assert graphs.capture_cost((0, 64, 128), prior=0.01) == 0.01
+    graphs.captures, graphs.capture_s, graphs.warmup_s = 1, 0.004, 0.2
+    assert graphs.capture_cost((0, 64, 128), prior=0.01) == pytest.approx(0.204), "its shape was never warmed"
+    graphs.warmed.add((64, 128))
+    assert graphs.capture_cost((3, 64, 128), prior=0.01) == pytest.approx(0.004), "any layer shares the warm-up"
