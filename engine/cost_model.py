@@ -359,7 +359,7 @@ def profile(engine: "LLMEngine") -> CostModel:
     # attention pairs priced at the rate the forward's matmuls ran: 4 * q_size FLOPs a pair and layer (QK^T, PV);
     # a unit recomputes one layer and runs its backward, about three times that
     cfg = engine.model_config
-    rate = 2 * sum(p.numel() for p in engine.model.parameters()) / max(per_token, 1e-12)
+    rate = 2 * sum(p.numel() for p in engine.model.parameters()) * sizes[1] / fwd[1]   # at most (host time in it)
     per_pair = 4 * cfg.num_heads * cfg.head_dim / rate
     return CostModel(fwd_fixed, per_token, *_line(sizes, tuple(graphed)), graph_fwd_fixed_s=graph_fixed,
                      eager_unit_s=max(0.0, eager[0] - graphed[0]), fwd_per_pair_s=per_pair * cfg.num_layers,

@@ -9,7 +9,7 @@ import pytest
 from coserve_testlib import make_engine
 from coserve.engine.cost_model import EAGER, CostModel, Unit
 from coserve.engine.finetune.backward import UnitGraphs
-from coserve.engine.finetune.job import JobState
+from coserve.engine.finetune.job import UNIT_SHARE, JobState
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.sampling import SamplingParams
@@ -203,8 +203,8 @@ def test_unit_spans_fit_the_target_where_they_attend_to_most(llama_dir, tmp_path
         engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=20.0, cost_model=cost)
         job = build_job(engine, spec(name))
         spans[name] = span = job.unit_span(8192)
-        assert cost.unit_s(Unit(EAGER, span, 8192 - span)) <= 0.010 or span == 16
-        assert span == 8192 or cost.unit_s(Unit(EAGER, 2 * span, 8192 - 2 * span)) > 0.010
+        assert cost.unit_s(Unit(EAGER, span, 8192 - span)) <= UNIT_SHARE * 0.020 or span == 16
+        assert span == 8192 or cost.unit_s(Unit(EAGER, 2 * span, 8192 - 2 * span)) > UNIT_SHARE * 0.020
     assert spans["quadratic"] < spans["flat"]
 
 
@@ -212,11 +212,11 @@ def test_unit_spans_stop_shrinking_where_the_fixed_cost_dominates(llama_dir, tmp
     """A unit whose fixed cost alone exceeds its share of the target is not cut into minimal spans (which would
     fit no better, only run 512 times a layer): spans stop at the largest one whose fixed cost is half of it."""
     write_task(tmp_path)
-    cost = CostModel(0.0, 1e-6, 0.015, 1e-6)       # 15 ms a unit, whatever its size, against a 10 ms share
+    cost = CostModel(0.0, 1e-6, 0.015, 1e-6)       # 15 ms a unit, whatever its size, against a 5 ms share
     engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=20.0, cost_model=cost)
     job = build_job(engine, spec("fixed"))
     span = job.unit_span(8192)
-    assert cost.unit_s(Unit(EAGER, 16)) > 0.010, "no span fits the share: shrinking alone would go to the minimum"
+    assert cost.unit_s(Unit(EAGER, 16)) > UNIT_SHARE * 0.020, "no span fits the share: shrinking alone would go to the minimum"
     assert span == 4096, span
 
 

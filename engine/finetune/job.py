@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coserve.finetune")
 
-UNIT_SHARE = 0.5    # a backward unit takes at most this share of the latency target, leaving the rest to inference
+UNIT_SHARE = 0.25   # a backward unit takes at most this share of the latency target, so units fit beside inference
 MIN_SPAN = 16       # tokens of the smallest unit grid (smaller units are all fixed cost)
 
 
