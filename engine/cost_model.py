@@ -97,9 +97,10 @@ class CostModel:
     _units: dict = field(default_factory=dict, repr=False)          # Unit.key -> recent seconds
     _kind_scale: dict = field(default_factory=dict, repr=False)     # kind -> measured over prior, across its shapes
     _steps: deque = field(default_factory=lambda: deque(maxlen=SHAPE_SAMPLES), repr=False)
-    _iterations: deque = field(default_factory=lambda: deque(maxlen=WINDOW), repr=False)
+    _iterations: deque = field(default_factory=lambda: deque(maxlen=WINDOW), repr=False)   # (measured, predicted)
     _since_forward_fit: int = field(default=0, repr=False)
     _since_margin: int = field(default=0, repr=False)
+    _since_scale: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.graph_fwd_fixed_s is None:
@@ -170,8 +171,12 @@ class CostModel:
                 self._since_forward_fit = 0
                 self._fit_forward()
         elif isinstance(piece, Unit):
+            new_shape = piece.key not in self._units
             self._units.setdefault(piece.key, deque(maxlen=SHAPE_SAMPLES)).append(seconds)
-            self._fit_kind_scale(piece.kind)
+            self._since_scale += 1
+            if new_shape or self._since_scale >= REFIT_EVERY:   # not per unit: host time in every iteration
+                self._since_scale = 0
+                self._fit_kind_scales()
         elif piece == STEP:
             self._steps.append(seconds)
 
@@ -181,19 +186,20 @@ class CostModel:
         beside a host pause) would only starve finetuning."""
         if not self.learn or work.saved or seconds <= 0 or not work.finetune:
             return
-        self._iterations.append((work, seconds, self.predict(work)))
+        self._iterations.append((seconds, max(self.predict(work), 1e-9)))   # as predicted then: no re-pricing
         self._since_margin += 1
         if self._since_margin >= REFIT_EVERY:
             self._since_margin = 0
-            ratios = [t / max(self.predict(w), 1e-9) for w, t, _ in self._iterations]
-            self.margin = float(min(MAX_MARGIN, max(1.0, np.quantile(ratios, 0.99))))
-            self.error = float(np.median([abs(p - t) / t for _, t, p in self._iterations]))
+            measured, predicted = np.array(self._iterations).T
+            self.margin = float(min(MAX_MARGIN, max(1.0, np.quantile(measured / predicted, 0.99))))
+            self.error = float(np.median(np.abs(predicted - measured) / measured))
 
-    def _fit_kind_scale(self, kind: str) -> None:
+    def _fit_kind_scales(self) -> None:
         """Shapes of a kind not measured yet are priced at the prior times what that kind measured against it."""
-        ratios = [statistics.median(s) / max(self._unit_prior(Unit(*k)), 1e-12)
-                  for k, s in self._units.items() if k[0] == kind]
-        self._kind_scale[kind] = statistics.median(ratios)
+        ratios: dict[str, list[float]] = {}
+        for key, seen in self._units.items():
+            ratios.setdefault(key[0], []).append(statistics.median(seen) / max(self._unit_prior(Unit(*key)), 1e-12))
+        self._kind_scale = {kind: statistics.median(r) for kind, r in ratios.items()}
 
     def _fit_forward(self) -> None:
         """Least squares of the relative error over the window, each coefficient pulled weakly toward the prior

@@ -171,6 +171,7 @@ def test_the_engine_learns_its_own_iteration_times_and_exports_the_error(llama_d
     shapes = engine.cost.to_dict()["unit_shapes_s"]
     assert any(k.startswith(HEAD) for k in shapes) and any(k.startswith(EAGER) for k in shapes)
     assert all(0 < s < 1.0 for s in shapes.values()), "units priced by their own timings, not the slow prior"
+    assert 0 < engine.cost.optimizer_step_s() < 1.0, "the optimizer step priced by its own timings"
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert 0 <= samples["coserve_cost_model_relative_error"] < 10
     assert samples["coserve_cost_model_margin"] >= 1.0

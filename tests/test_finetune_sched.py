@@ -227,3 +227,17 @@ def test_a_capture_is_priced_as_its_eager_unit_until_one_is_measured_plus_a_warm
     assert graphs.capture_cost((0, 64, 128), prior=0.01) == pytest.approx(0.204), "its shape was never warmed"
     graphs.warmed.add((64, 128))
     assert graphs.capture_cost((3, 64, 128), prior=0.01) == pytest.approx(0.004), "any layer shares the warm-up"
+
+
+def test_a_jobs_unit_span_is_chosen_once_per_length_so_its_unit_shapes_recur(llama_dir, tmp_path):
+    """Spans follow the cost model when a length is first seen; a model that learns afterwards does not move
+    them (new spans would be new shapes: warm-ups and graph captures all over again)."""
+    write_task(tmp_path)
+    cost = CostModel(0.0, 1e-6, 0.001, 1e-6, learn=True)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=20.0, cost_model=cost)
+    job = build_job(engine, spec("once"))
+    span = job.unit_span(8192)
+    cost.margin = 2.0                           # what it learned since: units now priced twice as high
+    assert job._choose_span(8192) < span, "a fresh choice would differ"
+    assert job.unit_span(8192) == span
+
