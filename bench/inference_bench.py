@@ -74,7 +74,8 @@ def make_engine(model_dir: Path, device: str, **kw):
 
 
 def decode_ms(engine, batch: int, prompt: int, gen: int, adapters: list[str | None] | None = None) -> float:
-    """Median time of a decode-only iteration with `batch` requests in flight (host work included)."""
+    """Median time between the ends of consecutive decode-only steps with `batch` requests in flight, as a server
+    runs them (no sync between steps: host work shows where the device waits for it, not where it overlaps)."""
     from coserve.engine.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(batch)
@@ -85,13 +86,14 @@ def decode_ms(engine, batch: int, prompt: int, gen: int, adapters: list[str | No
     for i, (ids, a) in enumerate(zip(prompts, adapters)):
         engine.add_request(f"d{batch}-{i}-{time.monotonic_ns()}", ids, params, a)
     times = []
+    sync()
+    t0 = time.perf_counter()
     while engine.scheduler.has_work():
-        sync()
-        t0 = time.perf_counter()
         engine.step()
-        sync()
+        t1 = time.perf_counter()
         if engine.last_step.decode_tokens == batch and not engine.last_step.prefill_tokens:
-            times.append(time.perf_counter() - t0)
+            times.append(t1 - t0)
+        t0 = t1
     return 1000 * statistics.median(times[2:] or times)
 
 
@@ -195,6 +197,10 @@ def bench_shape(name: str, shape: dict, work: Path, device: str, ceil: dict, ful
     engine = make_engine(model_dir, device, max_loras=33 if full else 1)
     res["decode_b1_ms"] = decode_ms(engine, 1, *b1)
     res["decode_b64_ms"] = decode_ms(engine, nb64, *b64)
+    ahead, engine.async_scheduling = engine.async_scheduling, False   # what queuing decode ahead buys
+    res["decode_b1_read_each_ms"] = decode_ms(engine, 1, *b1)
+    res["decode_b64_read_each_ms"] = decode_ms(engine, nb64, *b64)
+    engine.async_scheduling = ahead
     if device == "cuda":
         res["graph_b1_ms"], res["graph_b64_ms"] = graph_replay_ms(engine, 1), graph_replay_ms(engine, nb64)
     res["floor_b1_ms"] = 1000 * weights / bw

@@ -47,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           cuda_graphs=not args.enforce_eager, fast_path=False if args.no_fast_path else None,
                           enable_prefix_caching=not args.no_enable_prefix_caching,
                           overlap_outputs=not args.no_overlap_outputs,
+                          async_scheduling=False if args.no_async_scheduling else None,
                           served_model_name=args.served_model_name, shutdown_grace_s=args.shutdown_grace,
                           admin_token=load_token(args.admin_token_file, os.environ.get("COSERVE_ADMIN_TOKEN")),
                           adapters=parse_adapters(args.adapter), max_body_bytes=args.max_body_bytes,
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-overlap-outputs", action="store_true",
                        help="make each iteration's outputs before the next is launched, not while it runs "
                             "(debugging)")
+    serve.add_argument("--no-async-scheduling", action="store_true",
+                       help="read each decode iteration's tokens before the next is queued, not one iteration "
+                            "later (debugging)")
     serve.add_argument("--shutdown-grace", type=_seconds, default=20.0,
                        help="seconds allowed on SIGTERM/SIGINT to checkpoint running finetuning jobs (and to let "
                             "open requests finish) before the process exits")

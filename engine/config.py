@@ -26,6 +26,8 @@ class EngineConfig:
     fast_path: bool | None = None       # Triton kernels; default: on for cuda (off on cpu: the twins serve there)
     cuda_graphs: bool = True            # decode iterations replay captured CUDA graphs (cuda only)
     overlap_outputs: bool = True        # a step makes the previous iteration's outputs while this one runs
+    async_scheduling: bool | None = None  # steady decode queues the next iteration before reading this one's
+                                          # tokens; default: on with CUDA graphs on cuda
     enable_prefix_caching: bool = True  # requests sharing a prompt prefix (same adapter) reuse its KV blocks
     shutdown_grace_s: float = 20.0      # on SIGTERM/SIGINT, time allowed to checkpoint running jobs
     host: str = "127.0.0.1"

@@ -16,9 +16,9 @@ from coserve.engine.finetune.manager import BackwardWork, FinetuneManager
 from coserve.engine.kv_cache import BlockManager, allocate_kv_caches, kv_bytes_per_block
 from coserve.engine.lora import LoRARegistry
 from coserve.engine.model.loader import DTYPES, load_model
-from coserve.engine.runner import Runner, StepResult
+from coserve.engine.runner import InFlight, Runner, StepResult
 from coserve.engine.sampling import SamplingParams
-from coserve.engine.scheduler import Scheduler
+from coserve.engine.scheduler import Chunk, Scheduler
 from coserve.engine.sequence import RequestOutput, Sequence, Status
 from coserve.engine.serving_mode import ServingPolicy
 
@@ -67,6 +67,9 @@ class LLMEngine:
                              config.max_finetune_jobs)
         self.requests: dict[str, Sequence] = {}     # open requests: their last output is not emitted yet
         self._pending: list[tuple[Sequence, str | None, bool]] = []   # sampled tokens whose text waits
+        self._ahead: tuple[list[Chunk], InFlight, Forward] | None = None   # a decode iteration queued behind
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else config.cuda_graphs and config.device.startswith("cuda"))
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -128,35 +131,38 @@ class LLMEngine:
             self.loras.release(seq.adapter_slot)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or (self.mode.trains and self.finetune.has_work()) or bool(self._pending)
+        return (self.scheduler.has_work() or (self.mode.trains and self.finetune.has_work()) or bool(self._pending)
+                or self._ahead is not None)
 
     def step(self) -> list[RequestOutput]:
         """One iteration: inference chunks first, then the finetuning forward chunks and backward units that
         fit in what the latency target leaves. Returns the deltas of the previous iteration's tokens, made while
         this one runs on the device (with `overlap_outputs`; otherwise of this one's), and this one's when no
-        further inference iteration follows."""
+        further inference iteration follows. With `async_scheduling`, steady decode runs one iteration ahead: the
+        next one is queued, fed by this one's sampled tokens on the device, before this one's are read."""
         start = time.perf_counter()
         self.clock.start()
         steps, saves = self.finetune.counters()
         captures = self.runner.captures()
         budget = self.config.tpot_slo_ms / 1000
         turn = self.mode.turn(self.scheduler.has_work(), self.finetune)
-        chunks = self.scheduler.schedule() if turn.inference else []
-        inference_tokens = sum(c.length for c in chunks)
-        inference_pairs = sum(context(c.start, c.length) for c in chunks)
         ft_chunks: list = []
-        if turn.finetune and self.finetune.has_work():
-            room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
-            ft_chunks = self.finetune.plan_forward(budget, inference_tokens, inference_pairs, room, self.cost,
-                                                   self.runner.mixed is not None)
-        forward_tokens = inference_tokens + sum(c.length for c in ft_chunks)
-        pairs = inference_pairs + sum(context(c.start, c.length) for c in ft_chunks)
-        forward = Forward(forward_tokens, pairs, self.runner.graphed(chunks + ft_chunks)) if forward_tokens else None
-        left = budget - (self.cost.forward_s(forward_tokens, forward.graphed, pairs) if forward else 0.0)
-        with self.clock.timing(forward):
-            flight = self.runner.launch(chunks + ft_chunks) if forward else None
-        for c in chunks:
-            c.seq.num_computed += c.length
+        if self._ahead is not None:       # queued by the last step: nothing to plan
+            chunks, flight, forward = self._ahead
+            self._ahead = None
+        else:
+            chunks = self.scheduler.schedule() if turn.inference else []
+            inference_tokens = sum(c.length for c in chunks)
+            inference_pairs = sum(context(c.start, c.length) for c in chunks)
+            if turn.finetune and self.finetune.has_work():
+                room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
+                ft_chunks = self.finetune.plan_forward(budget, inference_tokens, inference_pairs, room, self.cost,
+                                                       self.runner.mixed is not None)
+            flight, forward = self._launch(chunks, ft_chunks)
+        inference_tokens = sum(c.length for c in chunks)
+        left = budget - (self.cost.forward_s(forward.tokens, forward.graphed, forward.pairs) if forward else 0.0)
+        if self.async_scheduling and flight is not None and not ft_chunks:
+            self._launch_ahead(chunks, flight)
         outputs = self._emit()
         if flight is not None:
             result = flight.result()
@@ -180,10 +186,44 @@ class LLMEngine:
             else:
                 self.cost.observe_piece(done, seconds)
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
-        self.last_step = StepStats(inference_tokens - decode, decode, forward_tokens - inference_tokens,
+        self.last_step = StepStats(inference_tokens - decode, decode, sum(c.length for c in ft_chunks),
                                    backward.units, backward.tokens, time.perf_counter() - start, backward.eager,
                                    backward.captures, forward is not None and forward.graphed)
         return outputs
+
+    def _launch(self, chunks: list[Chunk], ft_chunks: list[Chunk]) -> tuple[InFlight | None, Forward | None]:
+        """Queue the iteration on the device (timed as its forward); the inference chunks count as computed."""
+        every = chunks + ft_chunks
+        if not every:
+            return None, None
+        forward = Forward(sum(c.length for c in every), sum(context(c.start, c.length) for c in every),
+                          self.runner.graphed(every))
+        with self.clock.timing(forward):
+            flight = self.runner.launch(every)
+        for c in chunks:
+            c.seq.num_computed += c.length
+        return flight, forward
+
+    def _launch_ahead(self, chunks: list[Chunk], flight: InFlight) -> None:
+        """Queue the next decode iteration behind `flight`, fed by its sampled tokens on the device, when it is
+        certain to be the same requests decoding: nobody waits, no finetuning asks for room, and no request ends
+        by length with `flight`'s token (an end by eos or a stop is seen late, and the token sampled behind it
+        dropped, as with stop strings). The host then plans while the device computes."""
+        if not self.runner.decode_only(chunks) or (self.mode.trains and self.finetune.has_work()):
+            return
+        limit = self.max_model_len
+        if any(len(c.seq.output_ids) + 1 >= c.seq.params.max_tokens or c.seq.num_tokens + 1 >= limit
+               for c in chunks):
+            return
+        ahead = self.scheduler.decode_ahead(flight.seqs)
+        if ahead is None:
+            return
+        forward = Forward(len(ahead), sum(context(c.start, 1) for c in ahead), self.runner.graphed(ahead))
+        with self.clock.timing(forward):
+            queued = self.runner.launch(ahead, behind=flight)
+        for c in ahead:
+            c.seq.num_computed += 1
+        self._ahead = (ahead, queued, forward)
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """End one request with an error; the rest of the batch goes on."""

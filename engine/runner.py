@@ -131,10 +131,16 @@ class DecodeInputs:
         self.row_table: list[list[int] | None] = [None] * n     # the table each host row holds, and its length
         self.row_len = [0] * n
         self.arange = np.arange(n)
+        self.sent: torch.cuda.Event | None = None     # the last copy out of the host rows has been read
+        self.fed: torch.Tensor | None = None
 
-    def fill(self, chunks: list[Chunk], tables: dict[str, list[int]], padded: int) -> bool:
+    def fill(self, chunks: list[Chunk], tables: dict[str, list[int]], padded: int,
+             fed: torch.Tensor | None = None) -> bool:
         """Write the rows of `chunks`, one sampling token each (rows up to `padded` are padding: no KV written,
-        nothing attended) and send them to the device; returns whether any row uses an adapter."""
+        nothing attended) and send them to the device; returns whether any row uses an adapter. `fed`: the tokens
+        (on the device, one per row) that `ahead` chunks take as input, sampled by the iteration before."""
+        if self.sent is not None:       # an iteration queued ahead may not have read the rows yet
+            self.sent.synchronize()
         b, bsz = len(chunks), self.block_size
         ids, positions, lora = [], [], []
         row_table, row_len, h_tables = self.row_table, self.row_len, self.h_tables
@@ -156,11 +162,20 @@ class DecodeInputs:
         self.h_slots[b:padded] = -1
         self.h_seq_lens[b:padded] = 0
         self.h_lora[b:padded] = -1
-        if self.dev64 is not self.host64:
-            n, width = self.max_batch, self.tables.shape[1]
-            self.dev64.copy_(self.host64, non_blocking=True)
-            self.dev32[:2 * n + padded * width].copy_(self.host32[:2 * n + padded * width], non_blocking=True)
+        self.send(2 * self.max_batch + padded * self.tables.shape[1], fed[:b] if fed is not None else None)
         return any(x >= 0 for x in lora)
+
+    def send(self, words32: int | None = None, fed: torch.Tensor | None = None) -> None:
+        """Copy the host rows to the device (the first `words32` of the int32 ones; None: all), then the `fed`
+        tokens over the first ids (kept for a resend: a capture resets the inputs)."""
+        if self.dev64 is not self.host64:
+            self.dev64.copy_(self.host64, non_blocking=True)
+            self.dev32[:words32].copy_(self.host32[:words32], non_blocking=True)
+            self.sent = torch.cuda.Event()
+            self.sent.record()
+        self.fed = fed
+        if fed is not None:
+            self.ids[:len(fed)].copy_(fed)
 
     def batch(self, bs: int, with_lora: bool, num_slots: int, kv_heads: int) -> ForwardBatch:
         """The first `bs` rows as a forward batch (views of the buffers, as a captured graph needs)."""
@@ -225,8 +240,7 @@ class DecodeGraphs:
         if key not in self.graphs:
             self.graphs[key] = self._capture(bs, with_lora)
             self.captures += 1
-            self.inputs.dev64.copy_(self.inputs.host64, non_blocking=True)
-            self.inputs.dev32.copy_(self.inputs.host32, non_blocking=True)
+            self.inputs.send(fed=self.inputs.fed)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:b]
@@ -400,6 +414,11 @@ class InFlight:
                  graphed: bool):
         self.seqs, self.sampled, self.kept, self.graphed = seqs, sampled, kept, graphed
 
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        """The sampled tokens on the device (an iteration queued behind this one feeds on them)."""
+        return None if self.sampled is None else self.sampled.tokens
+
     def result(self) -> StepResult:
         if self.sampled is None:
             return StepResult([], [], [], [], self.kept, self.graphed)
@@ -447,18 +466,20 @@ class Runner:
         return self.graphs is not None and (self.decode_only(chunks) or self.mixed.fits(chunks))
 
     @torch.no_grad()
-    def launch(self, chunks: list[Chunk]) -> InFlight:
+    def launch(self, chunks: list[Chunk], behind: InFlight | None = None) -> InFlight:
         """Queue the iteration's forward and sampling without waiting for the device: a decode-only iteration
         from the persistent inputs (a CUDA graph replay where there is one), a mixed one from its token count's
-        graph where it fits one, any other (LoRA dropout, more tokens than graphed, a CPU) eagerly."""
+        graph where it fits one, any other (LoRA dropout, more tokens than graphed, a CPU) eagerly. `behind`: the
+        iteration in flight whose sampled tokens `ahead` decode chunks (all of them, in its order) take as input."""
         sampling = [c.seq for c in chunks if c.samples]
         kept: list[torch.Tensor] = []
         cfg = self.model.cfg
         if self.decode_only(chunks):
             b = len(chunks)
             bs = self.graphs.padded(b) if self.graphs is not None else b
-            with_lora = self.decode.fill(chunks, self.blocks.tables, bs)
-            params = self.sampler.prepare(sampling)
+            fed = behind.tokens if behind is not None else None
+            with_lora = self.decode.fill(chunks, self.blocks.tables, bs, fed)
+            params = self.sampler.prepare(sampling, pending=int(fed is not None))
             if self.graphs is not None:
                 logits = self.graphs.replay(b, bs, with_lora)
             else:

@@ -6,7 +6,8 @@ advanced `num_computed` past tokens whose KV it wrote), and when it is preempted
 
 Steady decode (every running request has one token to compute, nobody waits, the blocks suffice) takes a
 cheap path: one pass over the running list, a new block only where a request crosses into one, and blocks
-offered to the cache as they fill."""
+offered to the cache as they fill. The same path plans a decode iteration ahead (`decode_ahead`): while the
+device still samples each request's next token, the iteration that consumes it is queued behind."""
 from __future__ import annotations
 
 import bisect
@@ -24,17 +25,19 @@ log = logging.getLogger("coserve.scheduler")
 @dataclass
 class Chunk:
     """Tokens [start, start + length) of `seq` to run this iteration; an inference chunk `samples` when it
-    reaches the end of its tokens; a finetuning chunk never samples, its layer inputs are kept instead."""
+    reaches the end of its tokens; a finetuning chunk never samples, its layer inputs are kept instead. An `ahead`
+    chunk is the decode token that an iteration still on the device is sampling (it samples the one after)."""
 
     seq: Sequence
     start: int
     length: int
     finetune: bool = False
     dropout: Callable | None = None     # a finetuning chunk's LoRA dropout
+    ahead: bool = False
 
     @property
     def samples(self) -> bool:
-        return not self.finetune and self.start + self.length == self.seq.num_tokens
+        return not self.finetune and (self.ahead or self.start + self.length == self.seq.num_tokens)
 
 
 class Scheduler:
@@ -98,16 +101,17 @@ class Scheduler:
         self.blocks.allocate(seq.request_id, seq.num_computed + length)
         return True
 
-    def _steady_decode(self) -> list[Chunk] | None:
+    def _steady_decode(self, pending: int = 0) -> list[Chunk] | None:
         """One decode token for every running request when all of them decode and their blocks fit; None when
-        the general path must plan (a prefill, a preemption ahead, the token budget)."""
+        the general path must plan (a prefill, a preemption ahead, the token budget). `pending`: 1 when each
+        request's next token is still being sampled (the chunks are `ahead`)."""
         running, bsz = self.running, self.blocks.block_size
         if len(running) > self.max_batched_tokens:
             return None
         tables = self.blocks.tables
         grow = []
         for seq in running:
-            n = len(seq.prompt_ids) + len(seq.output_ids)
+            n = len(seq.prompt_ids) + len(seq.output_ids) + pending
             if n - seq.num_computed != 1:
                 return None
             if n > len(tables[seq.request_id]) * bsz:
@@ -121,8 +125,15 @@ class Scheduler:
             pos = seq.num_computed
             if pos % bsz == 0:      # it just filled a block
                 self._commit(seq)
-            chunks.append(Chunk(seq, pos, 1))
+            chunks.append(Chunk(seq, pos, 1, ahead=pending > 0))
         return chunks
+
+    def decode_ahead(self, seqs: list[Sequence]) -> list[Chunk] | None:
+        """The next decode iteration of exactly `seqs` (the running requests, in order), each fed the token its
+        iteration in flight samples; None when it would be anything else (a request waits, blocks run short)."""
+        if self.waiting or self.running != seqs:
+            return None
+        return self._steady_decode(pending=1)
 
     def schedule(self) -> list[Chunk]:
         if not self.waiting and self.running:

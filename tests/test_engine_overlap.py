@@ -1,7 +1,8 @@
-"""Output processing overlapped with the next iteration (`overlap_outputs`) changes when outputs come out, never
-what comes out: every request's tokens, text deltas, logprobs and finish reason equal the plain engine's, with
-greedy and seeded sampling, stop strings that begin inside a token, stop ids, eos, max_tokens, the context limit,
-aborts mid-stream, finetuning iterations mixed in, and streams through the async engine."""
+"""Output processing overlapped with the next iteration (`overlap_outputs`), and decode queued one iteration ahead
+of reading its tokens (`async_scheduling`), change when outputs come out, never what comes out: every request's
+tokens, text deltas, logprobs and finish reason equal the plain engine's, with greedy and seeded sampling, stop
+strings that begin inside a token, stop ids, eos, max_tokens, the context limit, aborts mid-stream, finetuning
+iterations mixed in, and streams through the async engine."""
 from __future__ import annotations
 
 import asyncio
@@ -22,9 +23,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # on a GPU: pinned c
 PROMPTS = ["Hello, world! How are", "One, two, three", "The quick brown fox", "Monday, Tuesday", "Question: what"]
 
 
-def engine_for(model_dir, overlap: bool, **kw):
-    return make_engine(model_dir, overlap_outputs=overlap, cost_model=COST, max_model_len=96, device=DEVICE,
-                       dtype="float32", **kw)
+def engine_for(model_dir, overlap: bool, ahead: bool = False, **kw):
+    return make_engine(model_dir, overlap_outputs=overlap, async_scheduling=ahead, cost_model=COST,
+                       max_model_len=96, device=DEVICE, dtype="float32", **kw)
+
+
+class CountAhead:
+    """Counts the decode iterations an engine queued ahead (the feature must actually run in the test)."""
+
+    def __init__(self, engine):
+        self.count = 0
+        launch = engine._launch_ahead
+
+        def counted(chunks, flight):
+            launch(chunks, flight)
+            self.count += engine._ahead is not None
+        engine._launch_ahead = counted
 
 
 @dataclass
@@ -123,12 +137,15 @@ def test_overlapped_outputs_equal_the_plain_engine(llama_dir):
                                             stop=["zzzz"]))],
     }
     results = []
-    for overlap in (True, False):
-        engine = engine_for(llama_dir, overlap)
+    for overlap, ahead in ((True, True), (True, False), (False, False)):
+        engine = engine_for(llama_dir, overlap, ahead)
         engine.eos_ids = {eos_token}    # this model's own eos never comes up in a few random-weight tokens
+        counter = CountAhead(engine)
         results.append(run_script(engine, arrivals, {9: ["aborted"]}, check_lag=overlap))
-    overlapped, plain = results
+        assert (counter.count > 10) == ahead
+    queued_ahead, overlapped, plain = results
     assert_same(overlapped, plain, aborted=("aborted",))
+    assert_same(queued_ahead, plain, aborted=("aborted",))
     reasons = {rid: s.finish_reason for rid, s in plain.items()}
     assert reasons == {"greedy": "length", "seeded": "length", "stop-str": "stop", "stop-str-seeded": "stop",
                        "stop-id": "stop", "one-token": "length", "eos": "stop", "context": "length",
@@ -183,7 +200,8 @@ def test_overlapped_outputs_equal_the_plain_engine_beside_finetuning(llama_dir, 
     assert results[0]["b"].finish_reason == "stop"
 
 
-def test_streams_through_the_async_engine_equal_the_plain_engine(llama_dir):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_streams_through_the_async_engine_equal_the_plain_engine(llama_dir, ahead):
     """Deltas streamed while requests come and go equal the plain engine's; a lone request's last token comes
     out without waiting for another request."""
     ids = [engine_for(llama_dir, overlap=False).tokenizer(p).input_ids for p in PROMPTS[:3]]
@@ -201,7 +219,7 @@ def test_streams_through_the_async_engine_equal_the_plain_engine(llama_dir):
         return stream
 
     async def main() -> tuple[list[Stream], Stream]:
-        engine = AsyncEngine(engine_for(llama_dir, overlap=True))
+        engine = AsyncEngine(engine_for(llama_dir, overlap=True, ahead=ahead))
         engine.start()
         try:
             together = await asyncio.wait_for(asyncio.gather(*(collect(engine, i, 0.01 * i) for i in range(3))), 60)
@@ -215,3 +233,22 @@ def test_streams_through_the_async_engine_equal_the_plain_engine(llama_dir):
         w = want[f"r{i}"]
         assert (got.text, got.token_ids, got.finish_reason) == (w.text, w.token_ids, w.finish_reason)
     assert (alone.text, alone.finish_reason) == (want["r2"].text, "length")
+
+
+def test_decode_queued_ahead_leaves_a_prefix_cache_that_serves_the_same_tokens(llama_dir):
+    """Blocks filled by decode iterations queued ahead (their KV written behind the iteration that sampled the
+    token) are offered to the prefix cache; a request that reuses them gets the tokens a fresh engine computes."""
+    engine = engine_for(llama_dir, overlap=True, ahead=True)
+    counter = CountAhead(engine)
+    ids = engine.tokenizer(PROMPTS[0]).input_ids
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    first = engine.generate([ids], params)[0]
+    assert counter.count > 20
+    follow = ids + first.output_ids[:24]
+    hit_before = engine.blocks.lookup("probe", follow, None)
+    assert hit_before is not None and hit_before.num_tokens >= len(ids) + 16   # decode-filled blocks were cached
+    engine.blocks.release("probe")
+    again = engine.generate([follow], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    fresh = engine_for(llama_dir, overlap=False).generate([follow], SamplingParams(max_tokens=8, temperature=0,
+                                                                                  ignore_eos=True))[0]
+    assert again.output_ids == fresh.output_ids == first.output_ids[24:32]

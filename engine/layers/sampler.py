@@ -28,8 +28,9 @@ class SampledOnHost:
     """The sampled tokens on their way to the host: `wait()` blocks until the copy (queued after the iteration's
     work on the device) has landed."""
 
-    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None):
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None, tokens: torch.Tensor):
         self.host, self.event = host, event
+        self.tokens = tokens      # int64 [B] on the device: what an iteration queued behind this one reads
 
     def wait(self) -> tuple[list[int], list[float], list[bool]]:
         if self.event is not None:
@@ -43,17 +44,18 @@ class Sampler:
         self.device = device
         self.pin = device.startswith("cuda")
 
-    def prepare(self, seqs: list[Sequence]) -> SamplingInputs:
+    def prepare(self, seqs: list[Sequence], pending: int = 0) -> SamplingInputs:
         """The rows' settings, sent from pinned memory so that the host never waits for the device here. Each
         row's randomness comes from its request's seed and output position alone, so a seeded request draws the
-        same whatever else is in the batch."""
+        same whatever else is in the batch. `pending`: tokens each row has sampled that are not in its output
+        yet (an iteration queued behind one still on the device)."""
         params = [s.params for s in seqs]
         temperature = [p.temperature for p in params]
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         random_rows = [t >= GREEDY_BELOW and k != 1 for t, k in zip(temperature, top_k)]
         f32 = self._send(np.array([temperature, top_p], dtype=np.float32))
-        i64 = self._send(np.array([top_k, [s.sample_seed for s in seqs], [len(s.output_ids) for s in seqs]],
+        i64 = self._send(np.array([top_k, [s.sample_seed for s in seqs], [len(s.output_ids) + pending for s in seqs]],
                                   dtype=np.int64))
         return SamplingInputs(f32, i64,
                               any(random_rows), any(k > 1 for k, r in zip(top_k, random_rows) if r),
@@ -71,9 +73,9 @@ class Sampler:
                  any_top_k=rows.any_top_k, any_top_p=rows.any_top_p)
         stacked = torch.stack([out.tokens.double(), out.logprobs.double(), out.bad.double()])
         if not stacked.is_cuda:
-            return SampledOnHost(stacked, None)
+            return SampledOnHost(stacked, None, out.tokens)
         host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
         host.copy_(stacked, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return SampledOnHost(host, event)
+        return SampledOnHost(host, event, out.tokens)
