@@ -62,6 +62,24 @@ def test_fast_generation_equals_reference_tokens(llama_dir, tmp_path):
     assert outs[1] == outs[0]
 
 
+def test_fast_batch_of_one_equals_reference(llama_dir, tmp_path, monkeypatch):
+    """A lone request decodes through the one-row linear kernel (every projection and the head), with and
+    without an adapter, and generates the reference's tokens."""
+    from coserve.kernels import gemv
+
+    calls = []
+    one_row = gemv.linear_one_row
+    monkeypatch.setattr(gemv, "linear_one_row", lambda *a: calls.append(1) or one_row(*a))
+    adapters = {"qv": make_peft_adapter(llama_dir, tmp_path / "qv", 5, **ADAPTERS["all-r16-rslora"])}
+    ref, fast = engines(llama_dir, adapters)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    for adapter in ("qv", None):
+        outs = [e.generate([list(range(7, 19))], params, [adapter])[0].output_ids for e in (ref, fast)]
+        assert outs[1] == outs[0]
+    layers = fast.model_config.num_layers
+    assert len(calls) >= 2 * 4 * (4 * layers + 1)     # 4 decode steps of 4 merged projections a layer, the head
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
 def test_cuda_graph_decode_equals_eager(llama_dir, tmp_path):
     """Decode iterations replayed from captured graphs (padded batch sizes, LoRA and base) give the eager tokens."""

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from coserve.engine.layers.lora_batch import LoRABatch
-from coserve.engine.layers.ops import use_kernels
+from coserve.engine.layers.ops import linear, use_kernels
 from coserve.kernels.lora import lora_expand_torch, lora_shrink_torch
 from coserve.kernels.lora_triton import lora_expand, lora_shrink
 
@@ -41,7 +41,7 @@ class MergedLoRALinear(nn.Module):
         return views
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, self.fast)
         if lora is None:
             return y
         if lora.any_slot and self.lora_a is not None:

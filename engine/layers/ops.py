@@ -6,7 +6,7 @@ import os
 import torch
 from torch import nn
 
-from coserve.kernels import fused_ops, norm_rotary
+from coserve.kernels import fused_ops, gemv, norm_rotary
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -38,6 +38,14 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: t
         return q, k
     cos, sin = cos_sin[positions].chunk(2, dim=-1)
     return norm_rotary.rotate(q, cos, sin), norm_rotary.rotate(k, cos, sin)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fast: bool) -> torch.Tensor:
+    """A single row (batch-1 decode) through the one-row kernel, which streams the weight faster than cuBLAS;
+    any other batch through F.linear, the twin."""
+    if x.shape[0] == 1 and gemv.AVAILABLE and use_kernels(fast, x):
+        return gemv.linear_one_row(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
 
 
 def silu_and_mul(x: torch.Tensor, fast: bool) -> torch.Tensor:

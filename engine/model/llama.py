@@ -13,7 +13,7 @@ from torch import nn
 from coserve.engine.layers.attention import AttentionMetadata, paged_attention
 from coserve.engine.layers.linear import MergedLoRALinear
 from coserve.engine.layers.lora_batch import LoRABatch
-from coserve.engine.layers.ops import RMSNorm, rotary, silu_and_mul
+from coserve.engine.layers.ops import RMSNorm, linear, rotary, silu_and_mul
 from coserve.engine.model.config import ModelConfig
 from coserve.kernels.norm_rotary import rotary_cache
 
@@ -186,4 +186,4 @@ class CausalLM(nn.Module):
             keep_stream(hidden, residual, rows, batch.captured[-1])
         idx = batch.logits_indices
         x, _ = self.model.norm(hidden.index_select(0, idx), residual.index_select(0, idx))
-        return self.lm_head(x).float()
+        return linear(x, self.lm_head.weight, None, self.fast).float()
