@@ -80,7 +80,6 @@ class LLMEngine:
         self.runner.warmup()
         self.clock = DeviceClock(config.device)
         self.cost = cost_model or profile(self)
-        self.cost.pad = self.runner.padded_tokens
         if config.device.startswith("cuda"):   # the model, caches and graphs stay: full collections skip them
             gc.collect()                         # (tens of ms of pause in a serving iteration otherwise)
             gc.freeze()
@@ -166,12 +165,12 @@ class LLMEngine:
             self._launch_ahead(chunks, flight)
         outputs = self._emit()
         if flight is not None:
-            self.finetune.forward_done(ft_chunks, flight.kept)
+            result = flight.result()
+            outputs += self._check_tokens(result)
+            self.finetune.forward_done(ft_chunks, result.kept)
         backward = BackwardWork()
-        if turn.finetune and self.finetune.has_work():   # queued before the tokens are read: no device gap
+        if turn.finetune and self.finetune.has_work():
             backward = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
-        if flight is not None:
-            outputs += self._check_tokens(flight.result())
         self.mode.done(turn, self.finetune, bool(ft_chunks) or backward.units > 0)
         self.finetune.settle()
         if not self.config.overlap_outputs or not self.scheduler.has_work():
@@ -197,7 +196,7 @@ class LLMEngine:
         every = chunks + ft_chunks
         if not every:
             return None, None
-        forward = Forward(self.runner.rows(every), sum(context(c.start, c.length) for c in every),
+        forward = Forward(sum(c.length for c in every), sum(context(c.start, c.length) for c in every),
                           self.runner.graphed(every))
         with self.clock.timing(forward):
             flight = self.runner.launch(every)
@@ -219,7 +218,7 @@ class LLMEngine:
         ahead = self.scheduler.decode_ahead(flight.seqs)
         if ahead is None:
             return
-        forward = Forward(self.runner.rows(ahead), sum(context(c.start, 1) for c in ahead), self.runner.graphed(ahead))
+        forward = Forward(len(ahead), sum(context(c.start, 1) for c in ahead), self.runner.graphed(ahead))
         with self.clock.timing(forward):
             queued = self.runner.launch(ahead, behind=flight)
         for c in ahead:

@@ -219,7 +219,6 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = forward()
         self.pool = graph.pool()
-        graph.replay()      # a graph's first launch uploads it (milliseconds of host time): not in a serving step
         return graph, logits
 
     @torch.no_grad()
@@ -286,8 +285,7 @@ class MixedGraphs:
         return (len(chunks) <= self.max_seqs and sum(c.length for c in chunks) <= self.max_tokens
                 and all(c.dropout is None for c in chunks))
 
-    def bucket(self, tokens: int) -> int:
-        """The padded token count of the graph that runs `tokens` tokens."""
+    def _bucket(self, tokens: int) -> int:
         return next(b for b in self.buckets if b >= tokens)
 
     def fill(self, p: Packed) -> int:
@@ -296,7 +294,7 @@ class MixedGraphs:
         h64, h32 = self.host64.numpy(), self.host32.numpy()
         ids, positions, slots, capture = h64[:4 * t].reshape(4, t)
         ids[:rows], positions[:rows], slots[:rows] = p.ids, p.positions, p.slots
-        bucket = self.bucket(rows)
+        bucket = self._bucket(rows)
         slots[rows:bucket] = -1
         ids[rows:bucket] = positions[rows:bucket] = 0
         capture[:len(p.capture)] = p.capture
@@ -354,7 +352,6 @@ class MixedGraphs:
         with torch.cuda.graph(graph, pool=self.pool_owner.pool):
             self.forward(bucket, with_lora, with_capture)
         self.pool_owner.pool = graph.pool()
-        graph.replay()      # uploads it (its first launch would, inside a serving step); writes no KV
         self.dev64.copy_(saved[0])
         self.dev32.copy_(saved[1])
         return graph
@@ -467,18 +464,6 @@ class Runner:
     def graphed(self, chunks: list[Chunk]) -> bool:
         """Whether `launch(chunks)` replays a CUDA graph."""
         return self.graphs is not None and (self.decode_only(chunks) or self.mixed.fits(chunks))
-
-    def rows(self, chunks: list[Chunk]) -> int:
-        """Token rows the iteration's forward computes: its graph's padded batch or token bucket, else its tokens
-        (a graph costs what its padded size costs)."""
-        tokens = sum(c.length for c in chunks)
-        if self.graphs is not None and self.decode_only(chunks):
-            return self.graphs.padded(len(chunks))
-        return self.mixed.bucket(tokens) if self.graphs is not None and self.mixed.fits(chunks) else tokens
-
-    def padded_tokens(self, tokens: int) -> int:
-        """The rows a mixed iteration of `tokens` tokens computes (what the planner prices a chunk's forward at)."""
-        return self.mixed.bucket(tokens) if self.mixed is not None and tokens <= self.mixed.max_tokens else tokens
 
     @torch.no_grad()
     def launch(self, chunks: list[Chunk], behind: InFlight | None = None) -> InFlight:
