@@ -14,6 +14,7 @@ except ImportError:   # CPU-only installs: F.linear serves
     AVAILABLE = False
 
 BLOCK_N = 8       # output rows per program: enough programs to cover the SMs for any projection
+INTERPRET_BLOCK_N = 128   # Triton's interpreter (CPU tests) pays per program, not per element
 MAX_BLOCK_K = 512
 
 
@@ -27,12 +28,13 @@ def linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"linear_one_row takes x [1, K] and a row-major weight [N, K]; got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    block_n = BLOCK_N if x.is_cuda else INTERPRET_BLOCK_N
     block_k = min(MAX_BLOCK_K, triton.next_power_of_2(k))
     big = k >= 8192 or n >= 65536
-    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        EVEN_N=n % BLOCK_N == 0, num_warps=8 if big else 4, num_stages=3)
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        EVEN_N=n % block_n == 0, num_warps=8 if big else 4, num_stages=3)
     return y
 
 
