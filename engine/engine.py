@@ -191,15 +191,17 @@ class LLMEngine:
                                    backward.captures, forward is not None and forward.graphed)
         return outputs
 
-    def _launch(self, chunks: list[Chunk], ft_chunks: list[Chunk]) -> tuple[InFlight | None, Forward | None]:
-        """Queue the iteration on the device (timed as its forward); the inference chunks count as computed."""
+    def _launch(self, chunks: list[Chunk], ft_chunks: list[Chunk],
+                behind: InFlight | None = None) -> tuple[InFlight | None, Forward | None]:
+        """Queue the iteration on the device (timed as its forward); the inference chunks count as computed.
+        `behind`: the iteration in flight whose sampled tokens `ahead` chunks take as input."""
         every = chunks + ft_chunks
         if not every:
             return None, None
         forward = Forward(sum(c.length for c in every), sum(context(c.start, c.length) for c in every),
                           self.runner.graphed(every))
         with self.clock.timing(forward):
-            flight = self.runner.launch(every)
+            flight = self.runner.launch(every, behind)
         for c in chunks:
             c.seq.num_computed += c.length
         return flight, forward
@@ -218,11 +220,7 @@ class LLMEngine:
         ahead = self.scheduler.decode_ahead(flight.seqs)
         if ahead is None:
             return
-        forward = Forward(len(ahead), sum(context(c.start, 1) for c in ahead), self.runner.graphed(ahead))
-        with self.clock.timing(forward):
-            queued = self.runner.launch(ahead, behind=flight)
-        for c in ahead:
-            c.seq.num_computed += 1
+        queued, forward = self._launch(ahead, [], behind=flight)
         self._ahead = (ahead, queued, forward)
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
