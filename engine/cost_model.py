@@ -11,7 +11,7 @@ import contextlib
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
@@ -101,6 +101,7 @@ class CostModel:
     _since_forward_fit: int = field(default=0, repr=False)
     _since_margin: int = field(default=0, repr=False)
     _since_scale: int = field(default=0, repr=False)
+    pad: Callable[[int], int] | None = field(default=None, repr=False)   # rows a graphed forward of n tokens computes
 
     def __post_init__(self) -> None:
         if self.graph_fwd_fixed_s is None:
@@ -121,13 +122,15 @@ class CostModel:
     def forward_tokens_within(self, seconds: float, fixed_paid: bool, graphed: bool = False, tokens: int = 0,
                               pairs: int = 0, start: int = 0, most: int = 1 << 30) -> int:
         """How many more tokens, up to `most`, of a chunk after `start` positions fit in a forward that already holds
-        `tokens` tokens and `pairs` attention pairs, within `seconds` (its fixed cost included unless paid)."""
+        `tokens` tokens and `pairs` attention pairs, within `seconds` (its fixed cost included unless paid). A
+        graphed forward is priced at the rows its graph computes (`pad`), so a chunk fills its token bucket."""
         fixed = 0.0 if fixed_paid else (self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s)
-        spare = seconds / self.margin - fixed - self.fwd_per_token_s * tokens - self.fwd_per_pair_s * pairs
-        lo, hi = 0, max(0, min(most, int(spare / max(self.fwd_per_token_s, 1e-12))))
+        spare = seconds / self.margin - fixed - self.fwd_per_pair_s * pairs
+        pad = self.pad if graphed and self.pad is not None else (lambda n: n)
+        lo, hi = 0, max(0, min(most, int(spare / max(self.fwd_per_token_s, 1e-12)) - tokens))
         while lo < hi:   # the pairs grow with the chunk: the largest n that still fits
             mid = (lo + hi + 1) // 2
-            if self.fwd_per_token_s * mid + self.fwd_per_pair_s * context(start, mid) <= spare:
+            if self.fwd_per_token_s * pad(tokens + mid) + self.fwd_per_pair_s * context(start, mid) <= spare:
                 lo = mid
             else:
                 hi = mid - 1

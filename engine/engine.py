@@ -80,6 +80,7 @@ class LLMEngine:
         self.runner.warmup()
         self.clock = DeviceClock(config.device)
         self.cost = cost_model or profile(self)
+        self.cost.pad = self.runner.padded_tokens
         if config.device.startswith("cuda"):   # the model, caches and graphs stay: full collections skip them
             gc.collect()                         # (tens of ms of pause in a serving iteration otherwise)
             gc.freeze()
@@ -165,12 +166,12 @@ class LLMEngine:
             self._launch_ahead(chunks, flight)
         outputs = self._emit()
         if flight is not None:
-            result = flight.result()
-            outputs += self._check_tokens(result)
-            self.finetune.forward_done(ft_chunks, result.kept)
+            self.finetune.forward_done(ft_chunks, flight.kept)
         backward = BackwardWork()
-        if turn.finetune and self.finetune.has_work():
+        if turn.finetune and self.finetune.has_work():   # queued before the tokens are read: no device gap
             backward = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
+        if flight is not None:
+            outputs += self._check_tokens(flight.result())
         self.mode.done(turn, self.finetune, bool(ft_chunks) or backward.units > 0)
         self.finetune.settle()
         if not self.config.overlap_outputs or not self.scheduler.has_work():
@@ -198,7 +199,7 @@ class LLMEngine:
         every = chunks + ft_chunks
         if not every:
             return None, None
-        forward = Forward(sum(c.length for c in every), sum(context(c.start, c.length) for c in every),
+        forward = Forward(self.runner.rows(every), sum(context(c.start, c.length) for c in every),
                           self.runner.graphed(every))
         with self.clock.timing(forward):
             flight = self.runner.launch(every, behind)

@@ -285,7 +285,8 @@ class MixedGraphs:
         return (len(chunks) <= self.max_seqs and sum(c.length for c in chunks) <= self.max_tokens
                 and all(c.dropout is None for c in chunks))
 
-    def _bucket(self, tokens: int) -> int:
+    def bucket(self, tokens: int) -> int:
+        """The padded token count of the graph that runs `tokens` tokens."""
         return next(b for b in self.buckets if b >= tokens)
 
     def fill(self, p: Packed) -> int:
@@ -294,7 +295,7 @@ class MixedGraphs:
         h64, h32 = self.host64.numpy(), self.host32.numpy()
         ids, positions, slots, capture = h64[:4 * t].reshape(4, t)
         ids[:rows], positions[:rows], slots[:rows] = p.ids, p.positions, p.slots
-        bucket = self._bucket(rows)
+        bucket = self.bucket(rows)
         slots[rows:bucket] = -1
         ids[rows:bucket] = positions[rows:bucket] = 0
         capture[:len(p.capture)] = p.capture
@@ -464,6 +465,18 @@ class Runner:
     def graphed(self, chunks: list[Chunk]) -> bool:
         """Whether `launch(chunks)` replays a CUDA graph."""
         return self.graphs is not None and (self.decode_only(chunks) or self.mixed.fits(chunks))
+
+    def rows(self, chunks: list[Chunk]) -> int:
+        """Token rows the iteration's forward computes: its graph's padded batch or token bucket, else its tokens
+        (a graph costs what its padded size costs)."""
+        tokens = sum(c.length for c in chunks)
+        if self.graphs is not None and self.decode_only(chunks):
+            return self.graphs.padded(len(chunks))
+        return self.mixed.bucket(tokens) if self.graphs is not None and self.mixed.fits(chunks) else tokens
+
+    def padded_tokens(self, tokens: int) -> int:
+        """The rows a mixed iteration of `tokens` tokens computes (what the planner prices a chunk's forward at)."""
+        return self.mixed.bucket(tokens) if self.mixed is not None and tokens <= self.mixed.max_tokens else tokens
 
     @torch.no_grad()
     def launch(self, chunks: list[Chunk], behind: InFlight | None = None) -> InFlight:

@@ -48,6 +48,18 @@ def test_the_forward_line_is_learned_from_timed_forwards_alone():
     assert forward_seconds(Forward(tokens + 8, context(6000, tokens + 8))) > 0.05
 
 
+def test_a_graphed_chunk_is_priced_at_its_graphs_padded_rows_and_fills_its_bucket():
+    """A graph computes its padded token bucket: a chunk is sized so the bucket (not its tokens) fits the time,
+    and it takes the whole bucket rather than leave padding; eager forwards pay no padding."""
+    per_token = 1e-5
+    cost = CostModel(0.0, per_token, 0.0, 0.0, graph_fwd_fixed_s=0.0)
+    cost.pad = lambda n: -(-n // 256) * 256
+    n = cost.forward_tokens_within(700 * per_token, fixed_paid=False, graphed=True, tokens=64)
+    assert n == 512 - 64          # 64 + n rows pad to 512; 513 would run the 768 graph, past 700 rows' time
+    assert cost.forward_tokens_within(700 * per_token, fixed_paid=False, graphed=False, tokens=64) == 700 - 64
+    assert cost.forward_tokens_within(200 * per_token, fixed_paid=False, graphed=True, tokens=64) == 0
+
+
 def test_each_unit_shape_is_priced_by_its_own_recent_timings():
     cost = CostModel(0.0, 1e-5, 0.004, 2e-5, eager_unit_s=0.003, learn=True)
     rng = random.Random(1)
