@@ -469,10 +469,10 @@ class Runner:
     def rows(self, chunks: list[Chunk]) -> int:
         """Token rows the iteration's forward computes: its graph's padded batch or token bucket, else its tokens
         (a graph costs what its padded size costs)."""
-        tokens = sum(c.length for c in chunks)
         if self.graphs is not None and self.decode_only(chunks):
             return self.graphs.padded(len(chunks))
-        return self.mixed.bucket(tokens) if self.graphs is not None and self.mixed.fits(chunks) else tokens
+        tokens = sum(c.length for c in chunks)
+        return self.padded_tokens(tokens) if self.graphs is not None and self.mixed.fits(chunks) else tokens
 
     def padded_tokens(self, tokens: int) -> int:
         """The rows a mixed iteration of `tokens` tokens computes (what the planner prices a chunk's forward at)."""

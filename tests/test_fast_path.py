@@ -124,6 +124,20 @@ def test_cuda_graph_mixed_iterations_equal_eager(llama_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+def test_graphed_iterations_are_priced_at_their_padded_rows(llama_dir):
+    """The planner prices a graphed forward at what its graph computes: a decode batch at its padded batch size, a
+    mixed iteration at its token bucket; an eager one (here a chunk with LoRA dropout) at its tokens."""
+    engine = make_engine(llama_dir, device="cuda", max_num_seqs=8, max_batched_tokens=64)
+    runner = engine.runner
+    assert engine.cost.pad == runner.padded_tokens
+    decode = [Chunk(Sequence(f"d{i}", [5, 6, 7], SamplingParams()), 2, 1) for i in range(3)]
+    assert runner.rows(decode) == 4
+    prompt = Sequence("p", list(range(5, 25)), SamplingParams())
+    assert runner.rows([Chunk(prompt, 0, 20)]) == 32 == runner.padded_tokens(20)
+    assert runner.rows([Chunk(prompt, 0, 20, finetune=True, dropout=lambda name, x: x)]) == 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
 def test_a_job_starting_after_a_large_mixed_iteration_captures_its_graphs_and_serving_goes_on(llama_dir, tmp_path):
     """A finetuning job's start captures the small buckets' graphs after a large prompt left row indices (logits,
     kept rows) past them in the static buffers: the captures must not read them, and serving continues exactly."""
