@@ -11,7 +11,7 @@ mkdir -p "$out"
 source bench/device_env.sh
 tests="${CHECKS:-tests/test_kernel_attention.py tests/test_kernel_lora.py tests/test_kernel_fused_ops.py \
     tests/test_kernel_sampling.py tests/test_kernel_gemv.py tests/test_fast_path.py tests/test_unit_graphs.py tests/test_finetune_ops.py \
-    tests/test_engine_overlap.py}"
+    tests/test_engine_overlap.py tests/test_kernel_cross_entropy.py}"
 if [ "$tests" != none ]; then
     python3 -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$out/kernels.log" | tail -15
 fi

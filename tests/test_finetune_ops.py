@@ -14,20 +14,26 @@ from coserve.engine.finetune.loss import linear_cross_entropy, linear_cross_entr
 from coserve.engine.finetune.adapter import TrainAdapter
 from coserve.engine.finetune.backward import LayerInputs, context_bucket, layer_grads, unit_mask
 from coserve.engine.finetune.spec import LoRASpec
+from coserve.kernels import cross_entropy
 from coserve.kernels.paged_attention import causal_attention, causal_attention_sdpa, masked_attention_sdpa
 from coserve_testlib import make_engine
 
 
 @pytest.mark.parametrize("rows,hidden,vocab,block_rows", [(1, 8, 11, 1), (37, 16, 50, 8), (64, 32, 300, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blocked_linear_cross_entropy_equals_full_logits(monkeypatch, rows, hidden, vocab, block_rows, dtype):
+@pytest.mark.parametrize("fast", [False, True])
+def test_blocked_linear_cross_entropy_equals_full_logits(monkeypatch, rows, hidden, vocab, block_rows, dtype, fast):
+    """Through the twin, and (`fast`) the fused kernel: on a GPU, or in Triton's interpreter on a CPU."""
     g = torch.Generator().manual_seed(rows * vocab)
-    x = torch.randn(rows, hidden, generator=g).to(dtype)
-    w = torch.randn(vocab, hidden, generator=g).to(dtype)
-    targets = torch.randint(0, vocab, (rows,), generator=g)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(rows, hidden, generator=g).to(device, dtype)
+    w = torch.randn(vocab, hidden, generator=g).to(device, dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=g).to(device)
     targets[::3] = IGNORE
-    monkeypatch.setattr(loss_mod, "BLOCK_BYTES", 4 * vocab * block_rows)
-    loss, grad = linear_cross_entropy(x, w, targets, 0.37)
+    monkeypatch.setattr(loss_mod, "BLOCK_BYTES", x.element_size() * vocab * block_rows)
+    if fast:   # the fused kernel must be what runs
+        monkeypatch.setattr(cross_entropy, "cross_entropy_backward_torch_", None)
+    loss, grad = linear_cross_entropy(x, w, targets, 0.37, fast)
     ref_loss, ref_grad = linear_cross_entropy_torch(x, w, targets, 0.37)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)

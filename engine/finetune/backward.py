@@ -165,7 +165,7 @@ class SequenceBackward:
         h = self.acts[-1, span.start:span.end].detach().requires_grad_()
         normed = self.model.model.norm(h)[0]
         loss, grad = linear_cross_entropy(normed.detach(), self.model.lm_head.weight,
-                                          self.targets[span.start:span.end], self.loss_scale)
+                                          self.targets[span.start:span.end], self.loss_scale, self.model.fast)
         normed.backward(grad)
         self.loss_sum = self.loss_sum + loss
         self.grad_out[span.start:span.end] = h.grad
