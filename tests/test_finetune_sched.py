@@ -241,3 +241,55 @@ def test_a_jobs_unit_span_is_chosen_once_per_length_so_its_unit_shapes_recur(lla
     assert job._choose_span(8192) < span, "a fresh choice would differ"
     assert job.unit_span(8192) == span
 
+
+
+class _UncapturedBackward:
+    """A sequence's backward whose next units can have CUDA graphs but have none yet (graphs need a GPU, so this
+    stands in for `SequenceBackward` over `UnitGraphs`): each capture takes `capture_s` of host time."""
+
+    def __init__(self, units: int, capture_s: float):
+        self.left, self.capture_s = units, capture_s
+
+    def next_graphed(self) -> bool:
+        return False
+
+    def next_unit(self, eager: bool = False) -> Unit:
+        return Unit(EAGER if eager else "graph", 64)
+
+    def next_capture_cost(self, prior: float) -> float:
+        return self.capture_s
+
+    def next_unit_tokens(self) -> int:
+        return 64
+
+    def next_unit_start(self) -> int:
+        return 0
+
+
+class _Job:
+    def __init__(self, backward: _UncapturedBackward):
+        self.backward, self.waits, self.active, self.state = backward, 0, True, JobState.RUNNING
+
+    def unit_ends_step(self) -> bool:
+        return False
+
+    def run_backward_unit(self, capture: bool = False) -> None:
+        self.backward.left -= 1
+        if not self.backward.left:
+            self.backward = None
+
+
+def test_a_unit_due_for_capture_waits_for_room_then_is_captured_never_run_eagerly():
+    """A capture that does not fit the iteration waits (CAPTURE_PATIENCE iterations at most) and then runs first in
+    one; the unit never falls back to running eagerly (slower, and no graph would ever be made)."""
+    from coserve.engine.finetune.manager import CAPTURE_PATIENCE, FinetuneManager
+
+    manager = FinetuneManager(None, max_active=1, kv_reserve=0.0)   # the units need no engine: only the policy runs
+    job = _Job(_UncapturedBackward(units=3, capture_s=0.02))
+    manager.jobs = {"j": job}
+    cost = CostModel(fwd_fixed_s=0.0, fwd_per_token_s=0.0, unit_fixed_s=0.001, unit_per_token_s=0.0)
+    ran = [manager.run_backward(0.01, cost, must_progress=False) for _ in range(CAPTURE_PATIENCE + 1)]
+    assert [w.units for w in ran] == [0] * CAPTURE_PATIENCE + [1], "waits for room, then overshoots once"
+    last = manager.run_backward(0.05, cost, must_progress=False)
+    assert last.units == 2 and last.captures == 2, "both fit: captured now"
+    assert job.backward is None and all(w.captures == w.units and w.eager == 0 for w in ran + [last])

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("coserve.finetune")
 
 PATIENCE = 64      # iterations a job's next unit waits for room before it runs regardless (no job starves)
+CAPTURE_PATIENCE = 2   # the same for a unit whose CUDA graph is still to be captured: once per graph, it overshoots
+                       # one iteration rather than run eagerly (slower on the device, half a capture on the host)
 
 
 class JobError(ValueError):
@@ -360,22 +362,22 @@ class FinetuneManager:
     def run_backward(self, time_left: float, cost: CostModel, must_progress: bool) -> BackwardWork:
         """Run backward units while their priced cost fits in what is left of the iteration; with `must_progress`
         (no inference this iteration) at least one runs, and a unit that found no room for PATIENCE iterations runs
-        first in the next. A unit without a CUDA graph gets one where the iteration has room for the capture (its
-        measured host time, the shape's warm-up included while due; before any capture, as much as the unit run
-        eagerly, whose launches it records; always when nothing is served), else runs eagerly."""
+        first in the next. A unit that can have a CUDA graph but has none yet is captured, never run eagerly: priced
+        at the capture's measured host time (the shape's warm-up included while due; before any capture, as much as
+        the unit run eagerly, whose launches it records), it waits for room at most CAPTURE_PATIENCE iterations.
+        Eager units are those no graph serves (LoRA dropout, a CPU)."""
         done = BackwardWork()
         for job in self.active():
             while job.active and job.backward is not None:
                 bwd = job.backward
-                graphed = bwd.next_graphed()
-                capture_s = bwd.next_capture_cost(prior=cost.unit_s(bwd.next_unit(eager=True)))
-                capture = graphed is False and (must_progress or capture_s <= time_left)
-                unit = bwd.next_unit(eager=graphed is False)
-                seconds = capture_s if capture else cost.unit_s(unit)
+                capture = bwd.next_graphed() is False
+                unit = bwd.next_unit(eager=capture)
+                seconds = bwd.next_capture_cost(prior=cost.unit_s(unit)) if capture else cost.unit_s(unit)
                 if job.unit_ends_step():
                     seconds += cost.optimizer_step_s()
-                overdue = done.units == 0 and job.waits >= PATIENCE
-                if seconds > time_left and not (must_progress and done.units == 0) and not overdue:
+                first = done.units == 0
+                due = job.waits >= (CAPTURE_PATIENCE if capture else PATIENCE)
+                if seconds > time_left and not (first and (must_progress or due)):
                     job.waits += 1
                     break
                 job.waits = 0
