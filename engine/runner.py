@@ -280,6 +280,7 @@ class MixedGraphs:
         self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}   # (bucket, LoRA, kept rows)
         self.lora_version = loras.version
         self.replays = self.captures = 0
+        self.sent: torch.cuda.Event | None = None     # the last copy out of the host buffers has been read
 
     def fits(self, chunks: list[Chunk]) -> bool:
         return (len(chunks) <= self.max_seqs and sum(c.length for c in chunks) <= self.max_tokens
@@ -290,7 +291,11 @@ class MixedGraphs:
         return next(b for b in self.buckets if b >= tokens)
 
     def fill(self, p: Packed) -> int:
-        """Write the iteration into the pinned buffers and send them (two copies); returns its token bucket."""
+        """Write the iteration into the pinned buffers and send them (two copies); returns its token bucket. The
+        host may run iterations ahead of the device (units queued behind a forward that samples nothing): the last
+        copy out of the buffers must have run before they are written again, or it sends this iteration's rows."""
+        if self.sent is not None:
+            self.sent.synchronize()
         t, b, n, rows = self.max_tokens, self.max_seqs, len(p.tables), len(p.ids)
         h64, h32 = self.host64.numpy(), self.host32.numpy()
         ids, positions, slots, capture = h64[:4 * t].reshape(4, t)
@@ -318,6 +323,8 @@ class MixedGraphs:
             self.dev64.copy_(self.host64, non_blocking=True)
             used32 = t + 2 * b + 1 + n * self.width
             self.dev32[:used32].copy_(self.host32[:used32], non_blocking=True)
+            self.sent = torch.cuda.Event()
+            self.sent.record()
         return bucket
 
     @torch.no_grad()

@@ -197,3 +197,23 @@ def test_mixed_graph_static_buffers_equal_the_plain_batch(llama_dir, tmp_path, f
             torch.testing.assert_close(kept_b, kept_a, rtol=1e-5, atol=1e-5)
     for a, b in zip(plain_kv, static_kv):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a pinned buffer racing its own copy needs a GPU")
+def test_mixed_graph_inputs_reach_the_device_while_the_host_runs_ahead(llama_dir):
+    """The host fills the next iteration's pinned buffers while the device is still busy (units queued behind a
+    forward that samples nothing): the copy already queued must deliver its own iteration's rows, not the next's."""
+    from coserve.engine.runner import MixedGraphs, pack
+
+    engine = make_engine(llama_dir, device="cuda", dtype="float32", max_num_seqs=8)
+    seqs = [Sequence("a", list(range(3, 30)), SamplingParams()), Sequence("b", list(range(40, 52)), SamplingParams())]
+    for s in seqs:
+        engine.blocks.allocate(s.request_id, s.num_tokens)
+    mixed = MixedGraphs(engine.model, engine.kv_caches, engine.loras, 64, 9, 128, engine.blocks.block_size, "cuda",
+                        None)
+    first, second = (pack([Chunk(seqs[0], 0, 20)], engine.blocks), pack([Chunk(seqs[1], 0, 12)], engine.blocks))
+    torch.cuda._sleep(200_000_000)   # about 0.1 s of device work ahead of the first copy
+    mixed.fill(first)
+    delivered = mixed.ids[:20].clone()     # read in stream order, right after the first copy
+    mixed.fill(second)
+    assert delivered.tolist() == list(range(3, 23))
