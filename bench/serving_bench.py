@@ -500,6 +500,13 @@ def summarize(points: list[dict], slo_target: float = 0.99) -> tuple[dict, dict]
                                                                / best["finetune_tokens_per_s"])
         else:
             notes["temporal_compared"]["why_no_ratio"] = "the temporal run made no finetuning progress"
+    meeting = [p for p in temporal if (p["slo_attainment"] or 0) >= slo_target and p["finetune_tokens_per_s"] > 0]
+    if meeting:   # the baseline a platform team would run: the best temporal N that still meets the SLO target
+        m = max(meeting, key=lambda p: p["finetune_tokens_per_s"])
+        notes["temporal_meeting_slo_target"] = {"mode": m["mode"], "slo_attainment": m["slo_attainment"],
+                                                "finetune_tokens_per_s": m["finetune_tokens_per_s"],
+                                                "coserve_over_it": co["finetune_tokens_per_s"]
+                                                / m["finetune_tokens_per_s"]}
     half = min(coserve, key=lambda r: (abs(r - max_rate / 2), r))
     notes["half_rate_used"] = half
     if ft_only:

@@ -68,6 +68,20 @@ def test_summary_compares_at_the_highest_rate_inference_only_holds():
                        "coserve_ft_kept_at_half_rate": pytest.approx(0.9)}
     assert notes["temporal_compared"]["mode"] == "temporal-512" and notes["half_rate_used"] == 2
     assert notes["coserve_slo99_wherever_inference_only_slo99"] is True
+    assert notes["temporal_meeting_slo_target"]["mode"] == "temporal-512"
+    assert notes["temporal_meeting_slo_target"]["coserve_over_it"] == pytest.approx(4.0)
+
+
+def test_summary_notes_the_temporal_baseline_that_meets_the_slo_target_though_coserving_attains_more():
+    """Co-serving at 100% and temporal-512 at 99.5%: no temporal N is at equal or better attainment, so the summary
+    compares with the best temporal N regardless (N=64, 50%); the notes name the one that meets the 99% target."""
+    points = [point("inference-only", 4, 1.0, 0.0), point("coserve", 4, 1.0, 600.0),
+              point("temporal-64", 4, 0.5, 1200.0), point("temporal-512", 4, 0.995, 200.0)]
+    summary, notes = summarize(points)
+    assert summary["coserve_over_temporal_ft_at_max_rate"] == pytest.approx(0.5)
+    assert notes["temporal_compared"] == {"mode": "temporal-64", "slo_attainment": 0.5,
+                                          "finetune_tokens_per_s": 1200.0, "at_equal_or_better_slo": False}
+    assert notes["temporal_meeting_slo_target"]["coserve_over_it"] == pytest.approx(3.0)
 
 
 def test_summary_without_a_rate_that_holds_the_slo_is_null():
