@@ -132,6 +132,41 @@ def _check_tensor(key: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class SlotWriter:
+    """`write_slot` with its slices taken once: a training job copies its adapter (whose tensors it updates in
+    place) into its slot after every optimizer step, and hundreds of slicings each time cost milliseconds."""
+
+    def __init__(self, registry: "LoRARegistry", slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 scaling: float):
+        self.registry, self.slot, self.weights, self.scaling = registry, slot, weights, scaling
+        self.version = -1
+
+    def _slice(self) -> None:
+        reg = self.registry
+        rank = max(a.shape[0] for a, _ in self.weights.values())
+        if rank > reg.rank:
+            reg._grow(rank)
+        self.zero, self.dst_a, self.src_a, self.dst_b, self.src_b = [], [], [], [], []
+        for m in reg.linears:
+            self.zero += [m.lora_a[self.slot], m.lora_b[self.slot]]
+            for i, (name, lo, hi) in enumerate(zip(m.names, m.offsets, m.offsets[1:])):
+                if name in self.weights:
+                    a, b = self.weights[name]
+                    self.dst_a.append(m.lora_a[self.slot, i, : a.shape[0]])
+                    self.src_a.append(a)
+                    self.dst_b.append(m.lora_b[self.slot, lo:hi, : a.shape[0]])
+                    self.src_b.append(b if b.dtype == torch.float32 else b.float())
+        self.version = reg.version
+
+    def __call__(self) -> None:
+        if self.version != self.registry.version:   # first use, or the stacks were widened since
+            self._slice()
+        with torch.no_grad():   # a few multi-tensor launches
+            torch._foreach_zero_(self.zero)
+            torch._foreach_copy_(self.dst_a, self.src_a)
+            torch._foreach_copy_(self.dst_b, torch._foreach_mul(self.src_b, self.scaling))
+
+
 class LoRARegistry:
     def __init__(self, model: CausalLM, max_loras: int, max_rank: int):
         self.model = model
@@ -210,23 +245,11 @@ class LoRARegistry:
 
     def write_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
         """Put {module: (A, B)} into a slot, the scaling folded into B; modules not named get no delta from it."""
-        rank = max(a.shape[0] for a, _ in weights.values())
-        if rank > self.rank:
-            self._grow(rank)
-        zero, dst_a, src_a, dst_b, src_b = [], [], [], [], []
-        for m in self.linears:
-            zero += [m.lora_a[slot], m.lora_b[slot]]
-            for i, (name, lo, hi) in enumerate(zip(m.names, m.offsets, m.offsets[1:])):
-                if name in weights:
-                    a, b = weights[name]
-                    dst_a.append(m.lora_a[slot, i, : a.shape[0]])
-                    src_a.append(a)
-                    dst_b.append(m.lora_b[slot, lo:hi, : a.shape[0]])
-                    src_b.append(b.float())
-        with torch.no_grad():   # a few multi-tensor launches: a training job rewrites its slot every step
-            torch._foreach_zero_(zero)
-            torch._foreach_copy_(dst_a, src_a)
-            torch._foreach_copy_(dst_b, torch._foreach_mul(src_b, scaling))
+        self.slot_writer(slot, weights, scaling)()
+
+    def slot_writer(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    scaling: float) -> "SlotWriter":
+        return SlotWriter(self, slot, weights, scaling)
 
     def reserve_training_slot(self) -> int:
         slot = self._free_slot()

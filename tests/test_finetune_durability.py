@@ -209,7 +209,7 @@ def test_a_step_with_non_finite_gradients_is_skipped_on_the_device_and_fails_the
 
     def step_with(grads_value: float, loss: float) -> None:
         for p in params:
-            p.grad = torch.full_like(p, 0.01)
+            p.grad.fill_(0.01)
         params[-1].grad[0, 0] = grads_value
         job.step_loss, job.step_targets = torch.tensor(2.0 * loss), 2
         job._optimizer_step()

@@ -20,7 +20,9 @@ def lora_shapes(model: CausalLM, spec: LoRASpec) -> dict[str, tuple[tuple[int, i
 
 
 class TrainAdapter:
-    """Implements the model's `TrainableLoRA`: every row of a unit gets scaling * B @ A @ x."""
+    """Implements the model's `TrainableLoRA`: every row of a unit gets scaling * B @ A @ x. Every A and B is a
+    view of one flat fp32 tensor, and every gradient a view of another: the optimizer step checks, clips and
+    zeroes them in one launch each, where hundreds of tensors cost tens of milliseconds of host time."""
 
     def __init__(self, model: CausalLM, spec: LoRASpec, seed: int):
         self.spec = spec
@@ -28,19 +30,43 @@ class TrainAdapter:
         self.scaling = spec.alpha / math.sqrt(spec.r) if spec.use_rslora else spec.alpha / spec.r
         g = torch.Generator().manual_seed(seed)
         device = model.lm_head.weight.device
+        shapes = {name: ((spec.r, in_f), (out_f, spec.r)) for name, (in_f, out_f) in model.lora_targets().items()
+                  if name.rsplit(".", 1)[-1] in spec.target_modules}
+        self.flat = torch.zeros(sum(a[0] * a[1] + b[0] * b[1] for a, b in shapes.values()), device=device)
+        self.flat_grad = torch.zeros_like(self.flat)   # at a fixed address: backward units' CUDA graphs add into it
         self.params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, (in_f, out_f) in model.lora_targets().items():
-            if name.rsplit(".", 1)[-1] not in spec.target_modules:
-                continue
-            a = torch.empty(spec.r, in_f)
-            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)   # PEFT's default init
-            self.params[name] = (a.to(device).requires_grad_(), torch.zeros(out_f, spec.r, device=device,
-                                                                            requires_grad=True))
+        offset = 0
+        for name, ab_shapes in shapes.items():
+            pair = []
+            for shape in ab_shapes:
+                size = shape[0] * shape[1]
+                p = self.flat[offset:offset + size].view(shape)
+                p.grad = self.flat_grad[offset:offset + size].view(shape)
+                pair.append(p.requires_grad_())
+                offset += size
+            a = torch.empty(ab_shapes[0])
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)   # PEFT's default init (B stays 0)
+            with torch.no_grad():
+                pair[0].copy_(a)
+            self.params[name] = (pair[0], pair[1])
         self.by_layer: dict[int, list[torch.Tensor]] = {}
         for name, ab in self.params.items():   # names are model.layers.<i>.<block>.<projection>
             self.by_layer.setdefault(int(name.split(".")[2]), []).extend(ab)
-        for p in self.parameters():   # gradients at fixed addresses: backward units' CUDA graphs add into them
-            p.grad = torch.zeros_like(p)
+
+    def grads_finite(self) -> torch.Tensor:
+        """On the device, without a sync: every gradient is finite."""
+        return torch.isfinite(self.flat_grad).all()
+
+    def weights_finite(self) -> torch.Tensor:
+        return torch.isfinite(self.flat).all()
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        """torch's clip_grad_norm_ over all the adapter's gradients (one 2-norm of them all), without a sync."""
+        coef = torch.clamp(max_norm / (torch.linalg.vector_norm(self.flat_grad) + 1e-6), max=1.0)
+        self.flat_grad.mul_(coef)
+
+    def zero_grad(self) -> None:
+        self.flat_grad.zero_()
 
     def layer_parameters(self, layer: int) -> list[torch.Tensor]:
         """The A and B tensors of one decoder layer's adapted projections."""

@@ -23,6 +23,7 @@ from coserve.engine.finetune.dataset import Example, epoch_order
 from coserve.engine.finetune.dropout import ChunkDropout
 from coserve.engine.finetune.record import RECORD_FILE, RECORD_VERSION, JobRecord, OutputLock, write_json_atomic
 from coserve.engine.finetune.spec import JobSpec, TrainingSpec
+from coserve.engine.lora import SlotWriter
 from coserve.engine.sampling import SamplingParams
 from coserve.engine.scheduler import Chunk
 from coserve.engine.sequence import Sequence
@@ -72,11 +73,6 @@ def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """On the device, without a sync: the largest magnitude (which, unlike a 2-norm, cannot overflow) is finite."""
-    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, float("inf")))
-
-
 @dataclass
 class PendingStep:
     """An optimizer step launched without waiting for it: its loss and finite checks reach the host once its
@@ -113,6 +109,7 @@ class FinetuneJob:
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_sched: torch.optim.lr_scheduler.LambdaLR | None = None
         self.slot: int | None = None
+        self.write_slot: SlotWriter | None = None   # copies the adapter into its serving slot
         self.seq: Sequence | None = None          # the sequence in flight
         self.labels: list[int] = []
         self.acts: torch.Tensor | None = None     # the sequence's kept layer inputs, [num_layers + 1, tokens, hidden]
@@ -168,7 +165,8 @@ class FinetuneJob:
         self.unit_graphs = UnitGraphs(eng.finetune.warmed_shapes, eng.max_model_len) \
             if cfg.use_fast_path and cfg.cuda_graphs and cfg.device.startswith("cuda") else None
         self.slot = eng.loras.reserve_training_slot()
-        eng.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
+        self.write_slot = eng.loras.slot_writer(self.slot, self.adapter.weights(), self.adapter.scaling)
+        self.write_slot()
         eng.runner.prepare_finetuning()
         self.state, self.started = JobState.RUNNING, time.time()
         log.info("job %s started at step %d of %d", self.spec.id, self.step, self.total_steps,
@@ -185,7 +183,7 @@ class FinetuneJob:
         self.backward, self.acts, self.chunks, self.unit_graphs = None, None, [], None
         if self.slot is not None:
             self.engine.loras.release_training_slot(self.slot)
-            self.slot = None
+            self.slot, self.write_slot = None, None
 
     def _finish(self, state: JobState, error: str | None = None) -> None:
         """Release the slot, blocks and tokenised data (a finished job keeps only its record), write the record,
@@ -352,20 +350,18 @@ class FinetuneJob:
 
     def _apply_step(self) -> None:
         """Queue the update and its checks on the device (`pending` holds them until `settle`)."""
-        t = self.spec.training
-        params = self.adapter.parameters()
-        grads = [p.grad for p in params]
-        loss = torch.as_tensor(self.step_loss, dtype=torch.float32, device=params[0].device)
+        t, adapter = self.spec.training, self.adapter
+        loss = torch.as_tensor(self.step_loss, dtype=torch.float32, device=adapter.flat.device)
         loss = loss / max(1, self.step_targets)
-        grads_ok = torch.isfinite(loss) & _all_finite(grads)
+        grads_ok = torch.isfinite(loss) & adapter.grads_finite()
         if t.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            adapter.clip_grad_norm_(t.max_grad_norm)
         self.optimizer.found_inf = (~grads_ok).float()
         self.optimizer.step()
-        weights_ok = _all_finite(params)
+        weights_ok = adapter.weights_finite()
         self.lr_sched.step()
-        self.optimizer.zero_grad(set_to_none=False)
-        self.engine.loras.write_slot(self.slot, self.adapter.weights(), self.adapter.scaling)
+        adapter.zero_grad()
+        self.write_slot()
         flags = torch.stack([loss, grads_ok.float(), weights_ok.float()])
         event = None
         if flags.is_cuda:
