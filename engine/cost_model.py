@@ -51,14 +51,16 @@ class Unit:
 
 @dataclass(frozen=True)
 class Forward:
-    """One iteration's forward: its tokens, their attention pairs, and whether it replayed a CUDA graph."""
+    """One iteration's forward: its tokens, their attention pairs, whether it replayed a CUDA graph, and whether
+    any row has an adapter (a finetuning chunk always does): the LoRA kernels of every projection then run."""
 
     tokens: int
     pairs: int = 0
     graphed: bool = False
+    lora: bool = False
 
     def features(self) -> list[float]:
-        return [float(not self.graphed), float(self.graphed), float(self.tokens), float(self.pairs)]
+        return [float(not self.graphed), float(self.graphed), float(self.tokens), float(self.pairs), float(self.lora)]
 
 
 STEP = "step"
@@ -73,7 +75,8 @@ class Work:
     units: tuple[Unit, ...] = ()
     optimizer_steps: int = 0
     saved: bool = False          # a checkpoint was written or a CUDA graph captured (host time, not learned)
-    finetune: bool = False       # it carried finetuning work (forward chunks or units): what the planner sized
+    finetune: bool = False       # it carried finetuning work (forward chunks or units)
+    inference: bool = False      # it carried inference: the planner sized its finetuning to the latency target
 
 
 @dataclass
@@ -88,6 +91,7 @@ class CostModel:
     graph_fwd_fixed_s: float | None = None  # a forward replayed from a CUDA graph; None: as an eager one
     eager_unit_s: float = 0.0            # what an eagerly launched unit costs beyond a replayed one
     fwd_per_pair_s: float = 0.0          # per attention pair of a forward (all layers)
+    fwd_lora_s: float = 0.0              # what a forward with adapter rows costs beyond one without
     unit_per_pair_s: float = 0.0         # per attention pair of a unit (one layer, recomputed and backward)
     margin: float = 1.0                  # predictions are multiplied by this (>= 1) when planning
     learn: bool = False                  # refine from measurements (the profiled model does; a given one is fixed)
@@ -109,9 +113,9 @@ class CostModel:
         self._forward_prior = self._forward_theta()
 
     # ---- prices (with the margin), for planning --------------------------------------------------------
-    def forward_s(self, tokens: int, graphed: bool = False, pairs: int = 0) -> float:
+    def forward_s(self, tokens: int, graphed: bool = False, pairs: int = 0, lora: bool = False) -> float:
         """A forward of `tokens` tokens whose attention covers `pairs` (query, key) pairs."""
-        return self._forward(Forward(tokens, pairs, graphed)) * self.margin
+        return self._forward(Forward(tokens, pairs, graphed, lora)) * self.margin
 
     def unit_s(self, unit: Unit) -> float:
         return self._unit(unit) * self.margin
@@ -120,11 +124,13 @@ class CostModel:
         return self._step() * self.margin
 
     def forward_tokens_within(self, seconds: float, fixed_paid: bool, graphed: bool = False, tokens: int = 0,
-                              pairs: int = 0, start: int = 0, most: int = 1 << 30) -> int:
+                              pairs: int = 0, start: int = 0, most: int = 1 << 30, lora: bool = False) -> int:
         """How many more tokens, up to `most`, of a chunk after `start` positions fit in a forward that already holds
-        `tokens` tokens and `pairs` attention pairs, within `seconds` (its fixed cost included unless paid). A
-        graphed forward is priced at the rows its graph computes (`pad`), so a chunk fills its token bucket."""
-        fixed = 0.0 if fixed_paid else (self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s)
+        `tokens` tokens and `pairs` attention pairs, within `seconds` (its fixed cost included unless paid; `lora`:
+        the forward runs the LoRA kernels). A graphed forward is priced at the rows its graph computes (`pad`), so
+        a chunk fills its token bucket."""
+        fixed = 0.0 if fixed_paid else (self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s) + \
+            (self.fwd_lora_s if lora else 0.0)
         spare = seconds / self.margin - fixed - self.fwd_per_pair_s * pairs
         pad = self.pad if graphed and self.pad is not None else (lambda n: n)
         lo, hi = 0, max(0, min(most, int(spare / max(self.fwd_per_token_s, 1e-12)) - tokens))
@@ -143,7 +149,8 @@ class CostModel:
 
     # ---- the model without the margin ---------------------------------------------------------------
     def _forward_theta(self) -> np.ndarray:
-        return np.array([self.fwd_fixed_s, self.graph_fwd_fixed_s, self.fwd_per_token_s, self.fwd_per_pair_s])
+        return np.array([self.fwd_fixed_s, self.graph_fwd_fixed_s, self.fwd_per_token_s, self.fwd_per_pair_s,
+                         self.fwd_lora_s])
 
     def _forward(self, f: Forward) -> float:
         return float(np.dot(f.features(), self._forward_theta()))
@@ -184,10 +191,12 @@ class CostModel:
             self._steps.append(seconds)
 
     def observe(self, work: Work, seconds: float) -> None:
-        """One whole measured iteration that carried finetuning: against what its pieces predict, it sets the
-        margin and the error. Iterations of inference alone are not the planner's to size; their tails (a prefill
-        beside a host pause) would only starve finetuning."""
-        if not self.learn or work.saved or seconds <= 0 or not work.finetune:
+        """One whole measured iteration that carried finetuning beside inference: against what its pieces predict,
+        it sets the margin and the error. Only these did the planner size to the target: the tails of inference
+        alone (a prefill beside a host pause) would only starve finetuning, and finetuning alone runs past the
+        target on purpose (nobody waits), so its outliers would hold the margin high long after inference
+        returns."""
+        if not self.learn or work.saved or seconds <= 0 or not (work.finetune and work.inference):
             return
         self._iterations.append((seconds, max(self.predict(work), 1e-9)))   # as predicted then: no re-pricing
         self._since_margin += 1
@@ -226,11 +235,13 @@ class CostModel:
                 if v < 0:
                     theta[j] = 0.0
             free = [j for j, v in zip(free, sol) if v >= 0]
-        self.fwd_fixed_s, self.graph_fwd_fixed_s, self.fwd_per_token_s, self.fwd_per_pair_s = map(float, theta)
+        (self.fwd_fixed_s, self.graph_fwd_fixed_s, self.fwd_per_token_s, self.fwd_per_pair_s,
+         self.fwd_lora_s) = map(float, theta)
 
     def to_dict(self) -> dict:
         return {"fwd_fixed_s": self.fwd_fixed_s, "graph_fwd_fixed_s": self.graph_fwd_fixed_s,
                 "fwd_per_token_s": self.fwd_per_token_s, "fwd_per_pair_s": self.fwd_per_pair_s,
+                "fwd_lora_s": self.fwd_lora_s,
                 "unit_prior": {"fixed_s": self.unit_fixed_s, "per_token_s": self.unit_per_token_s,
                                "eager_s": self.eager_unit_s, "per_pair_s": self.unit_per_pair_s},
                 "unit_kind_scale": dict(self._kind_scale),

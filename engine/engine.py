@@ -161,7 +161,8 @@ class LLMEngine:
                                                        self.runner.mixed is not None)
             flight, forward = self._launch(chunks, ft_chunks)
         inference_tokens = sum(c.length for c in chunks)
-        left = budget - (self.cost.forward_s(forward.tokens, forward.graphed, forward.pairs) if forward else 0.0)
+        left = budget - (self.cost.forward_s(forward.tokens, forward.graphed, forward.pairs, forward.lora)
+                         if forward else 0.0)
         if self.async_scheduling and flight is not None and not ft_chunks:
             self._launch_ahead(chunks, flight)
         outputs = self._emit()
@@ -180,7 +181,8 @@ class LLMEngine:
         saved = saves_after > saves or backward.captures > 0 or self.runner.captures() > captures
         if saved:
             self.clock.discard()
-        work = Work(forward, tuple(backward.run), steps_after - steps, saved, bool(ft_chunks) or backward.units > 0)
+        work = Work(forward, tuple(backward.run), steps_after - steps, saved, bool(ft_chunks) or backward.units > 0,
+                    inference_tokens > 0)
         for done, seconds in self.clock.stop(work):
             if isinstance(done, Work):
                 self.cost.observe(done, seconds)
@@ -200,7 +202,7 @@ class LLMEngine:
         if not every:
             return None, None
         forward = Forward(self.runner.rows(every), sum(context(c.start, c.length) for c in every),
-                          self.runner.graphed(every))
+                          self.runner.graphed(every), any(c.seq.adapter_slot is not None for c in every))
         with self.clock.timing(forward):
             flight = self.runner.launch(every, behind)
         for c in chunks:

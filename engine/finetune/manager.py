@@ -342,7 +342,7 @@ class FinetuneManager:
                 continue
             eager = not graphed or job.spec.lora.dropout > 0 or any(c.dropout is not None for c in chunks)
             n = cost.forward_tokens_within(budget, fixed_paid=False, graphed=not eager, tokens=used, pairs=pairs,
-                                           start=job.seq.num_computed, most=token_room)
+                                           start=job.seq.num_computed, most=token_room, lora=True)
             if n < 1 and not inference_tokens and not chunks:
                 n = token_room
             if n < 1:
