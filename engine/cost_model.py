@@ -25,6 +25,7 @@ WINDOW = 256            # measurements each fit looks back on
 REFIT_EVERY = 16        # measurements between refits
 PRIOR_WEIGHT = 0.01     # the prior's pull, against one measurement's squared relative error
 MAX_MARGIN = 2.0        # past this the fit is not the problem (a noisy host): plan on the fit, do not starve
+START_MARGIN = 1.25     # a learning model's margin until it has measured iterations of its own to set it
 SHAPE_SAMPLES = 8       # recent timings kept per unit shape (and of the optimizer step)
 
 HEAD, GRAPH, EAGER = "head", "graph", "eager"   # a loss-head unit; a layer unit replayed from its graph; launched
@@ -93,7 +94,8 @@ class CostModel:
     fwd_per_pair_s: float = 0.0          # per attention pair of a forward (all layers)
     fwd_lora_s: float = 0.0              # what a forward with adapter rows costs beyond one without
     unit_per_pair_s: float = 0.0         # per attention pair of a unit (one layer, recomputed and backward)
-    margin: float = 1.0                  # predictions are multiplied by this (>= 1) when planning
+    margin: float | None = None          # predictions are multiplied by this (>= 1) when planning; None: 1.0
+                                         # for a given model, START_MARGIN for a learning one
     learn: bool = False                  # refine from measurements (the profiled model does; a given one is fixed)
     error: float | None = None           # median relative error of iteration predictions over the window
     _forwards: deque = field(default_factory=lambda: deque(maxlen=WINDOW), repr=False)
@@ -108,6 +110,8 @@ class CostModel:
     pad: Callable[[int], int] | None = field(default=None, repr=False)   # rows a graphed forward of n tokens computes
 
     def __post_init__(self) -> None:
+        if self.margin is None:
+            self.margin = START_MARGIN if self.learn else 1.0
         if self.graph_fwd_fixed_s is None:
             self.graph_fwd_fixed_s = self.fwd_fixed_s
         self._forward_prior = self._forward_theta()

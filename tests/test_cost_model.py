@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coserve_testlib import make_engine
 from coserve.engine.async_engine import AsyncEngine
-from coserve.engine.cost_model import (EAGER, GRAPH, HEAD, REFIT_EVERY, SHAPE_SAMPLES, STEP, CostModel, DeviceClock,
-                                       Forward, Unit, Work, context)
+from coserve.engine.cost_model import (EAGER, GRAPH, HEAD, REFIT_EVERY, SHAPE_SAMPLES, START_MARGIN, STEP, CostModel,
+                                       DeviceClock, Forward, Unit, Work, context)
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.sampling import SamplingParams
@@ -33,7 +33,7 @@ def random_forward(rng: random.Random) -> Forward:
 
 
 def test_the_forward_line_is_learned_from_timed_forwards_alone():
-    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, learn=True)   # ten times too slow; pairs free
+    cost = CostModel(0.04, 2e-4, 0.015, 3e-5, learn=True, margin=1.0)   # ten times too slow; pairs free
     rng = random.Random(0)
     for _ in range(20 * REFIT_EVERY):
         f = random_forward(rng)
@@ -66,7 +66,7 @@ def test_a_graphed_chunk_is_priced_at_its_graphs_padded_rows_and_fills_its_bucke
 
 
 def test_each_unit_shape_is_priced_by_its_own_recent_timings():
-    cost = CostModel(0.0, 1e-5, 0.004, 2e-5, eager_unit_s=0.003, learn=True)
+    cost = CostModel(0.0, 1e-5, 0.004, 2e-5, eager_unit_s=0.003, learn=True, margin=1.0)
     rng = random.Random(1)
     seen, head = Unit(GRAPH, 256, 1024), Unit(HEAD, 256)
     for _ in range(3 * SHAPE_SAMPLES):
@@ -85,7 +85,7 @@ def test_each_unit_shape_is_priced_by_its_own_recent_timings():
 
 
 def test_the_optimizer_step_keeps_its_prior_until_timed():
-    cost = CostModel(0.0, 1e-5, 0.0, 1e-5, step_s=0.02, learn=True)
+    cost = CostModel(0.0, 1e-5, 0.0, 1e-5, step_s=0.02, learn=True, margin=1.0)
     assert cost.optimizer_step_s() == 0.02
     for seconds in (0.0004, 0.0005, 0.05, 0.0006, 0.0005):   # one outlier does not set the price
         cost.observe_piece(STEP, seconds)
@@ -124,7 +124,7 @@ def test_the_margin_is_set_by_iterations_that_carried_finetuning_beside_inferenc
     for _ in range(2 * REFIT_EVERY):   # the job alone first
         w = random_work(rng)
         cost.observe(Work(w.forward, w.units, w.optimizer_steps, finetune=True), cost.predict(w) * 1.8)
-    assert cost.margin == 1.0
+    assert cost.margin == START_MARGIN
     for i in range(16 * REFIT_EVERY):
         w = random_work(rng)
         cost.observe(w, cost.predict(w) * 1.1)
@@ -137,7 +137,7 @@ def test_iterations_that_wrote_a_checkpoint_are_not_learned():
     cost = CostModel(0.004, 2e-5, 0.002, 1e-5, learn=True)
     for _ in range(4 * REFIT_EVERY):
         cost.observe(Work(Forward(100), (Unit(GRAPH, 100),), 1, saved=True, finetune=True, inference=True), 5.0)
-    assert cost.margin == 1.0 and cost.error is None
+    assert cost.margin == START_MARGIN and cost.error is None
 
 
 def test_a_given_model_stays_fixed():
