@@ -42,7 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                          tpot_slo_ms=args.tpot_slo_ms, max_finetune_jobs=args.max_finetune_jobs,
+                          tpot_slo_ms=args.tpot_slo_ms, idle_iteration_ms=args.idle_iteration_ms,
+                          max_finetune_jobs=args.max_finetune_jobs,
                           mode=args.mode, temporal_interval=args.temporal_interval,
                           cuda_graphs=not args.enforce_eager, fast_path=False if args.no_fast_path else None,
                           enable_prefix_caching=not args.no_enable_prefix_caching,
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tpot-slo-ms", type=float, default=50.0,
                        help="latency target of one iteration (time per output token); finetuning work fills "
                             "what inference leaves of it")
+    serve.add_argument("--idle-iteration-ms", type=float, default=200.0,
+                       help="what an iteration of finetuning alone plans when no inference waits (fewer, larger "
+                            "iterations train faster; a request that arrives waits at most about this long)")
     serve.add_argument("--max-finetune-jobs", type=int, default=2, help="finetuning jobs trained at once")
     serve.add_argument("--mode", default=ServingMode.COSERVE.value, choices=[m.value for m in ServingMode],
                        help="how inference and finetuning share the engine (baselines for comparison): " +

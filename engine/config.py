@@ -19,6 +19,8 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 128
     tpot_slo_ms: float = 50.0           # latency target of one iteration; finetuning fills what inference leaves
+    idle_iteration_ms: float = 200.0    # what an iteration of finetuning alone plans (no inference waits): a request
+                                        # that arrives waits at most about this long for its first iteration
     max_finetune_jobs: int = 2          # jobs trained at once; more wait queued
     finetune_kv_reserve: float = 0.1    # fraction of KV blocks finetuning never takes
     mode: str = "coserve"               # coserve | temporal | inference-only | finetune-only (serving_mode.py)

@@ -137,30 +137,30 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: inference chunks first, then the finetuning forward chunks and backward units that
-        fit in what the latency target leaves. Returns the deltas of the previous iteration's tokens, made while
-        this one runs on the device (with `overlap_outputs`; otherwise of this one's), and this one's when no
-        further inference iteration follows. With `async_scheduling`, steady decode runs one iteration ahead: the
-        next one is queued, fed by this one's sampled tokens on the device, before this one's are read."""
+        fit in what the latency target leaves (with no inference in the iteration: in `idle_iteration_ms`).
+        Returns the deltas of the previous iteration's tokens, made while this one runs on the device (with
+        `overlap_outputs`; otherwise of this one's), and this one's when no further inference iteration follows.
+        With `async_scheduling`, steady decode runs one iteration ahead: the next one is queued, fed by this one's
+        sampled tokens on the device, before this one's are read."""
         start = time.perf_counter()
         self.clock.start()
         steps, saves = self.finetune.counters()
         captures = self.runner.captures()
-        budget = self.config.tpot_slo_ms / 1000
         turn = self.mode.turn(self.scheduler.has_work(), self.finetune)
         ft_chunks: list = []
-        if self._ahead is not None:       # queued by the last step: nothing to plan
-            chunks, flight, forward = self._ahead
-            self._ahead = None
+        ahead, self._ahead = self._ahead, None
+        chunks = ahead[0] if ahead is not None else self.scheduler.schedule() if turn.inference else []
+        inference_tokens = sum(c.length for c in chunks)
+        budget = (self.config.tpot_slo_ms if chunks else self.config.idle_iteration_ms) / 1000
+        if ahead is not None:       # queued by the last step: nothing to plan
+            _, flight, forward = ahead
         else:
-            chunks = self.scheduler.schedule() if turn.inference else []
-            inference_tokens = sum(c.length for c in chunks)
-            inference_pairs = sum(context(c.start, c.length) for c in chunks)
             if turn.finetune and self.finetune.has_work():
                 room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
-                ft_chunks = self.finetune.plan_forward(budget, inference_tokens, inference_pairs, room, self.cost,
-                                                       self.runner.mixed is not None)
+                ft_chunks = self.finetune.plan_forward(budget, inference_tokens,
+                                                       sum(context(c.start, c.length) for c in chunks), room,
+                                                       self.cost, self.runner.mixed is not None)
             flight, forward = self._launch(chunks, ft_chunks)
-        inference_tokens = sum(c.length for c in chunks)
         left = budget - (self.cost.forward_s(forward.tokens, forward.graphed, forward.pairs, forward.lora)
                          if forward else 0.0)
         if self.async_scheduling and flight is not None and not ft_chunks:

@@ -84,6 +84,32 @@ def test_inference_first_and_finetuning_fills_only_the_remaining_budget(llama_di
     assert job.tokens > 0 and job.step > 0, "finetuning progressed while inference ran"
 
 
+def test_with_no_inference_waiting_an_iteration_plans_the_idle_budget_not_the_latency_target(llama_dir, tmp_path):
+    """Finetuning alone takes whole sequences in fewer, larger iterations (up to idle_iteration_ms); once a
+    request arrives, iterations shrink back to the latency target."""
+    write_task(tmp_path)
+    cost = CostModel(fwd_fixed_s=0.0, fwd_per_token_s=0.001, unit_fixed_s=0.0, unit_per_token_s=1e-9)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=4.0, idle_iteration_ms=60.0,
+                         cost_model=cost)
+    job = build_job(engine, spec("idle", chunk_tokens=None))
+    engine.finetune.add(job)
+    lengths = [len(s.ids) for s in job.sequences]
+    assert min(lengths) > 4, "the task's sequences must be longer than the latency target allows"
+    alone = []
+    for _ in range(3):
+        engine.step()
+        alone.append(engine.last_step.finetune_tokens)
+    assert max(alone) > 4 and all(cost.forward_s(n) <= 0.06 for n in alone)
+    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    beside = []
+    while engine.requests:
+        engine.step()
+        s = engine.last_step
+        beside.append(s.finetune_tokens)
+        assert cost.forward_s(s.prefill_tokens + s.decode_tokens + s.finetune_tokens) <= 0.004 + 1e-12
+    assert any(beside), "finetuning still fills what the target leaves beside inference"
+
+
 def test_finetuning_never_delays_inference_past_a_tiny_target(llama_dir, tmp_path):
     write_task(tmp_path)
     cost = CostModel(fwd_fixed_s=0.01, fwd_per_token_s=0.001, unit_fixed_s=0.01, unit_per_token_s=0.001)
