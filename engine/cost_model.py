@@ -133,8 +133,8 @@ class CostModel:
         `tokens` tokens and `pairs` attention pairs, within `seconds` (its fixed cost included unless paid; `lora`:
         the forward runs the LoRA kernels). A graphed forward is priced at the rows its graph computes (`pad`), so
         a chunk fills its token bucket."""
-        fixed = 0.0 if fixed_paid else (self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s) + \
-            (self.fwd_lora_s if lora else 0.0)
+        fixed = 0.0 if fixed_paid else ((self.graph_fwd_fixed_s if graphed else self.fwd_fixed_s)
+                                         + (self.fwd_lora_s if lora else 0.0))
         spare = seconds / self.margin - fixed - self.fwd_per_pair_s * pairs
         pad = self.pad if graphed and self.pad is not None else (lambda n: n)
         lo, hi = 0, max(0, min(most, int(spare / max(self.fwd_per_token_s, 1e-12)) - tokens))
