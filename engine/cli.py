@@ -136,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens in one iteration at most")
     serve.add_argument("--max-loras", type=int, default=8, help="adapter slots")
     serve.add_argument("--max-lora-rank", type=int, default=128, help="largest adapter rank accepted")
-    serve.add_argument("--tpot-slo-ms", type=float, default=50.0,
+    serve.add_argument("--tpot-slo-ms", type=_positive_ms, default=50.0,
                        help="latency target of one iteration (time per output token); finetuning work fills "
                             "what inference leaves of it")
-    serve.add_argument("--idle-iteration-ms", type=float, default=200.0,
+    serve.add_argument("--idle-iteration-ms", type=_positive_ms, default=200.0,
                        help="what an iteration of finetuning alone plans when no inference waits (fewer, larger "
                             "iterations train faster; a request that arrives waits at most about this long)")
     serve.add_argument("--max-finetune-jobs", type=int, default=2, help="finetuning jobs trained at once")
@@ -201,6 +201,13 @@ def _seconds(value: str) -> float:
     if not 0 <= seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {value!r}")
     return seconds
+
+
+def _positive_ms(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of milliseconds, got {value!r}")
+    return number
 
 
 def _positive_int(value: str) -> int:

@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from api_app import AUTH, api_client, assert_openai_error
+from coserve.engine.cli import build_parser
 from coserve.engine.cost_model import CostModel
 from coserve.engine.engine import RequestError
 from coserve.engine.finetune.manager import build_job
@@ -133,3 +134,14 @@ def test_api_refusals_are_503_in_openai_shape(llama_dir, tmp_path):
         assert capacity["finetune_slots_free"] == capacity["finetune_slots_total"] == 0
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("flag", ["--tpot-slo-ms", "--idle-iteration-ms"])
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_iteration_budgets_must_be_positive_milliseconds(flag, value, capsys):
+    """A zero, negative or non-finite budget would plan nothing (or everything); the command line refuses it."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", flag, value])
+    assert "expected a positive number of milliseconds" in capsys.readouterr().err
+    args = build_parser().parse_args(["serve", "--model", "m", flag, "75"])
+    assert (args.tpot_slo_ms, args.idle_iteration_ms) == ((75.0, 200.0) if flag == "--tpot-slo-ms" else (50.0, 75.0))
