@@ -32,7 +32,7 @@ def engine(llama_dir, tmp_path_factory):
     return make_engine(llama_dir, data_root=str(root), tpot_slo_ms=1e6, cost_model=FIXED_COST, max_loras=3)
 
 
-def test_parameters_and_gradients_are_views_of_the_flat_tensors(llama_dir, engine):
+def test_parameters_and_gradients_are_views_of_the_flat_tensors(engine):
     adapter = TrainAdapter(engine.model, LoRASpec(r=4, alpha=8, target_modules=TARGETS), seed=0)
     params = adapter.parameters()
     assert len(params) == 2 * len(engine.model.lora_targets())
