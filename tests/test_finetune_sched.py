@@ -7,7 +7,7 @@ import json
 import pytest
 
 from coserve_testlib import make_engine
-from coserve.engine.cost_model import EAGER, CostModel, Unit
+from coserve.engine.cost_model import EAGER, CostModel, Forward, Unit
 from coserve.engine.finetune.backward import UnitGraphs
 from coserve.engine.finetune.job import UNIT_SHARE, JobState
 from coserve.engine.finetune.manager import build_job
@@ -319,3 +319,21 @@ def test_a_unit_due_for_capture_waits_for_room_then_is_captured_never_run_eagerl
     last = manager.run_backward(0.05, cost, must_progress=False)
     assert last.units == 2 and last.captures == 2, "both fit: captured now"
     assert job.backward is None and all(w.captures == w.units and w.eager == 0 for w in ran + [last])
+
+
+def test_each_timed_forward_says_whether_it_ran_the_lora_kernels(llama_dir, tmp_path):
+    """The cost model prices adapter rows' LoRA kernels apart: a forward carrying a finetuning chunk is timed as
+    one with adapters, a base-only inference forward as one without."""
+    write_task(tmp_path)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=1e6,
+                         cost_model=CostModel(0.0, 1e-6, 0.0, 1e-6))
+    timed = []
+    engine.cost.observe_piece = lambda piece, seconds: timed.append(piece)
+    engine.add_request("base", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    while engine.requests:
+        engine.step()
+    engine.finetune.add(build_job(engine, spec("lora-timed")))
+    engine.step()
+    forwards = [p for p in timed if isinstance(p, Forward)]
+    assert forwards and not any(f.lora for f in forwards[:-1]), "base-only inference forwards"
+    assert forwards[-1].lora and engine.last_step.finetune_tokens > 0, "a forward with a finetuning chunk"

@@ -32,6 +32,25 @@ def test_every_example_is_valid():
         assert validate(obj) == [], name
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (safe_load silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        duplicates = {k for k in keys if keys.count(k) > 1}
+        if duplicates:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {sorted(duplicates)}",
+                                                    node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLES.parent / "crds").glob("*.yaml")) + sorted(EXAMPLES.glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_crds_and_examples_name_each_key_once(path):
+    for _ in yaml.load_all(path.read_text(), Loader=_UniqueKeyLoader):
+        pass
+
+
 def test_printer_columns_read_conditions_by_type_and_kinds_share_a_category():
     for kind in ("CoServingPool", "InferenceEndpoint", "FinetuneJob"):
         crd = next(c for p in (EXAMPLES.parent / "crds").glob("coserve.dev_*.yaml")
