@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -354,6 +355,39 @@ class Window:
     records: list[Record]
     tokens0: int
     tokens1: int
+    metrics0: dict[str, float] = field(default_factory=dict)   # the engine's iteration counters at t0 and t1
+    metrics1: dict[str, float] = field(default_factory=dict)
+
+
+ITERATION_SERIES = re.compile(r'^(coserve_iteration_seconds_(?:sum|count))\{holds="(\w+)"\} (\S+)$|'
+                              r'^(coserve_finetune_aside_iterations_total) (\S+)$', re.M)
+
+
+async def iteration_counters(http: httpx.AsyncClient) -> dict[str, float]:
+    """The engine's iteration histogram sums and counts by what iterations held, and how many iterations
+    finetuning stood aside, from /metrics (empty if the scrape fails)."""
+    try:
+        text = (await http.get("/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for m in ITERATION_SERIES.finditer(text):
+        if m.group(1):
+            out[f"{m.group(1).rsplit('_', 1)[1]}:{m.group(2)}"] = float(m.group(3))
+        else:
+            out["aside"] = float(m.group(5))
+    return out
+
+
+def iteration_stats(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Per window: iterations by what they held, their mean wall time, and those finetuning stood aside."""
+    stats: dict = {}
+    for holds in ("inference", "both", "finetune"):
+        n = after.get(f"count:{holds}", 0) - before.get(f"count:{holds}", 0)
+        total = after.get(f"sum:{holds}", 0) - before.get(f"sum:{holds}", 0)
+        stats[holds] = {"iterations": int(n), "mean_ms": round(1000 * total / n, 2) if n else None}
+    stats["finetune_aside"] = int(after.get("aside", 0) - before.get("aside", 0))
+    return stats
 
 
 async def measure_mode(engine: Engine, run: ModeRun, settings: Settings, gpu: GpuSampler, vocab: int,
@@ -430,11 +464,14 @@ async def replay(run: ModeRun, sampler: JobSampler, gpu: GpuSampler, client: Cli
             run.notes.setdefault("skipped_for_time", []).append([trace, rate])
             continue
         reqs = requests(settings.workload, trace, rate, duration_s, vocab, max_context)
+        metrics0 = await iteration_counters(sampler.http)
         t0, tokens0 = time.perf_counter(), client.tokens
         recs = [Record(trace, rate, r.arrival_s, len(r.prompt_ids), r.max_tokens) for r in reqs]
         tasks += [asyncio.create_task(at(t0 + r.arrival_s, send(client, r, rec))) for r, rec in zip(reqs, recs)]
         await asyncio.sleep(max(0.0, t0 + duration_s - time.perf_counter()))
-        windows.append(Window(trace, rate, t0, time.perf_counter(), recs, tokens0, client.tokens))
+        t1, tokens1 = time.perf_counter(), client.tokens
+        windows.append(Window(trace, rate, t0, t1, recs, tokens0, tokens1, metrics0,
+                              await iteration_counters(sampler.http)))
     if tasks:
         _, pending = await asyncio.wait(tasks, timeout=settings.drain_cap_s)
         for task in pending:
@@ -466,7 +503,8 @@ def score(w: Window, label: str, sampler: JobSampler, gpu: GpuSampler, settings:
             "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99),
             "inference_tokens_per_s": (w.tokens1 - w.tokens0) / (w.t1 - w.t0), "finetune_tokens_per_s": ft_rate,
             "finetune_steps": ft_steps, "finetune_rate_method": ft_method,
-            "gpu_busy_fraction": gpu.busy(w.t0, w.t1), "window_s": w.t1 - w.t0}
+            "gpu_busy_fraction": gpu.busy(w.t0, w.t1), "window_s": w.t1 - w.t0,
+            "engine_iterations": iteration_stats(w.metrics0, w.metrics1)}
 
 
 # ---- summary -------------------------------------------------------------------------------------------------
@@ -627,28 +665,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
                                                 "in /dev/shm when it exists)")
     p.add_argument("--modes", help="comma-separated: finetune-only, inference-only, coserve, temporal-N "
                                    "(default: all, temporal-N for each --temporal-intervals)")
-    p.add_argument("--temporal-intervals", default=None, help="N of the temporal baselines (default 64,128,512)")
-    p.add_argument("--rates", help="Poisson arrival rates, requests/s (default 2,4,8,16)")
-    p.add_argument("--gamma-rates", help="bursty Gamma arrival rates, requests/s (default 8; none with --smoke)")
-    p.add_argument("--duration", type=float, help="seconds of arrivals per point (default 8)")
+    p.add_argument("--temporal-intervals", default=None, help="N of the temporal baselines (default 128,512; the paper also runs 64)")
+    p.add_argument("--rates", help="Poisson arrival rates, requests/s (default 6,12,24,48)")
+    p.add_argument("--gamma-rates", help="bursty Gamma arrival rates, requests/s (default 12; none with --smoke)")
+    p.add_argument("--duration", type=float, help="seconds of arrivals per point (default 12)")
     p.add_argument("--drain-cap", type=float, help="seconds allowed after a trace's last window before requests "
                                                    "still running are cancelled (default 60; a request is "
                                                    "cancelled anyway once it certainly misses the SLO)")
     p.add_argument("--ttft-slo", type=float, help="TTFT SLO in seconds (default 5, the paper's for 8B)")
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in seconds (default 0.045, the paper's for 8B)")
     p.add_argument("--engine-tpot-ms", type=float, help="the engine's --tpot-slo-ms, its per-iteration target "
-                                                        "(default 80%% of --tpot-slo)")
+                                                        "(default: --tpot-slo itself)")
     p.add_argument("--chunk-tokens", type=int, help="the job's forward chunk / backward unit size (default 256)")
     p.add_argument("--gamma-cv", type=float, help="coefficient of variation of the Gamma trace (default 3)")
     p.add_argument("--engine-arg", action="append", default=[],
                    help="extra `coserve serve` argument, e.g. --engine-arg=--max-num-seqs=128 (repeatable)")
     p.add_argument("--time-budget", type=float, help="seconds the whole run may take; windows and modes that "
-                                                     "would end later are skipped and listed (default 540; none "
+                                                     "would end later are skipped and listed (default 570; none "
                                                      "with --smoke)")
     p.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plots of a saved result")
     a = p.parse_args(argv)
     smoke = a.smoke
-    intervals = a.temporal_intervals or ("4" if smoke else "64,128,512")
+    intervals = a.temporal_intervals or ("4" if smoke else "128,512")
     modes = a.modes.split(",") if a.modes else (["finetune-only", "inference-only", "coserve"] +
                                                  [f"temporal-{n}" for n in intervals.split(",")])
     tpot = a.tpot_slo if a.tpot_slo is not None else (1.0 if smoke else 0.045)
@@ -657,13 +695,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         workload = dataclasses.replace(workload, gamma_cv=a.gamma_cv)
     engine_args = list(a.engine_arg) + (["--device", "cpu"] if smoke else [])
     settings = Settings(
-        smoke=smoke, modes=modes, rates=floats(a.rates or ("2,4" if smoke else "2,4,8,16")),
-        gamma_rates=floats(a.gamma_rates if a.gamma_rates is not None else ("" if smoke else "8")),
-        duration_s=a.duration or (1.5 if smoke else 8.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
+        smoke=smoke, modes=modes, rates=floats(a.rates or ("2,4" if smoke else "6,12,24,48")),
+        gamma_rates=floats(a.gamma_rates if a.gamma_rates is not None else ("" if smoke else "12")),
+        duration_s=a.duration or (1.5 if smoke else 12.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
-        engine_tpot_ms=a.engine_tpot_ms or 800 * tpot, chunk_tokens=a.chunk_tokens or (16 if smoke else 256),
+        engine_tpot_ms=a.engine_tpot_ms or 1000 * tpot, chunk_tokens=a.chunk_tokens or (16 if smoke else 256),
         engine_args=engine_args, workload=workload, model=a.model.resolve() if a.model else None,
-        time_budget_s=a.time_budget if a.time_budget is not None else (None if smoke else 540.0))
+        time_budget_s=a.time_budget if a.time_budget is not None else (None if smoke else 570.0))
     return settings, a
 
 

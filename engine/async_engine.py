@@ -58,6 +58,10 @@ class AsyncEngine:
             self.metrics.tokens.labels("generation").inc(stats.decode_tokens)
             self.metrics.tokens.labels("finetune").inc(stats.finetune_tokens)
             self.metrics.backward_units.inc(stats.backward_units)
+            if stats.holds is not None:
+                self.metrics.iteration.labels(stats.holds).observe(stats.duration_s)
+            if stats.finetune_yielded:
+                self.metrics.finetune_aside.inc()
             cost = self.engine.cost
             if cost.error is not None:
                 self.metrics.cost_error.set(cost.error)

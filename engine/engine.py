@@ -45,6 +45,14 @@ class StepStats:
     eager_units: int = 0            # units launched kernel by kernel (the rest replayed CUDA graphs)
     unit_captures: int = 0          # units whose CUDA graph was captured in this iteration
     graphed_forward: bool = False   # the forward replayed a CUDA graph (decode or mixed)
+    finetune_yielded: bool = False  # finetuning stood aside: requests waited for admission (see stands_aside)
+
+    @property
+    def holds(self) -> str | None:
+        """What the iteration ran: "inference", "finetune", "both", or None for nothing."""
+        inference = self.prefill_tokens + self.decode_tokens > 0
+        finetune = self.finetune_tokens + self.backward_units > 0
+        return ("both" if finetune else "inference") if inference else "finetune" if finetune else None
 
 
 class LLMEngine:
@@ -152,10 +160,12 @@ class LLMEngine:
         chunks = ahead[0] if ahead is not None else self.scheduler.schedule() if turn.inference else []
         inference_tokens = sum(c.length for c in chunks)
         budget = (self.config.tpot_slo_ms if chunks else self.config.idle_iteration_ms) / 1000
+        aside = turn.finetune and self.finetune.stands_aside(bool(chunks) and bool(self.scheduler.waiting))
+        trains = turn.finetune and not aside
         if ahead is not None:       # queued by the last step: nothing to plan
             _, flight, forward = ahead
         else:
-            if turn.finetune and self.finetune.has_work():
+            if trains and self.finetune.has_work():
                 room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
                 ft_chunks = self.finetune.plan_forward(budget, inference_tokens,
                                                        sum(context(c.start, c.length) for c in chunks), room,
@@ -169,7 +179,7 @@ class LLMEngine:
         if flight is not None:
             self.finetune.forward_done(ft_chunks, flight.kept)
         backward = BackwardWork()
-        if turn.finetune and self.finetune.has_work():   # queued before the tokens are read: no device gap
+        if trains and self.finetune.has_work():   # queued before the tokens are read: no device gap
             backward = self.finetune.run_backward(left, self.cost, must_progress=not chunks)
         if flight is not None:
             outputs += self._check_tokens(flight.result())
@@ -191,7 +201,7 @@ class LLMEngine:
         decode = sum(1 for c in chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
         self.last_step = StepStats(inference_tokens - decode, decode, sum(c.length for c in ft_chunks),
                                    backward.units, backward.tokens, time.perf_counter() - start, backward.eager,
-                                   backward.captures, forward is not None and forward.graphed)
+                                   backward.captures, forward is not None and forward.graphed, aside)
         return outputs
 
     def _launch(self, chunks: list[Chunk], ft_chunks: list[Chunk],

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITERATION_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.06, 0.08, 0.1, 0.2, 0.5)
 
 
 @dataclass
@@ -44,6 +45,11 @@ class Metrics:
         self.kv_usage = Gauge("coserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
         self.backward_units = Counter("coserve_finetune_backward_units", "Finetuning backward units run",
                                       registry=r)
+        self.iteration = Histogram("coserve_iteration_seconds", "Engine iterations' wall time, by what they held "
+                                   "(inference, finetune or both): how full co-served iterations run against "
+                                   "the latency target", ["holds"], buckets=ITERATION_BUCKETS, registry=r)
+        self.finetune_aside = Counter("coserve_finetune_aside_iterations", "Iterations in which finetuning stood "
+                                      "aside because requests waited for admission", registry=r)
         self.jobs = Gauge("coserve_finetune_jobs", "Finetuning jobs, by state", ["state"], registry=r)
         self.job_step = Gauge("coserve_finetune_step", "Optimizer steps done, by job", ["job"], registry=r)
         self.job_loss = Gauge("coserve_finetune_loss", "Loss of the last optimizer step, by job", ["job"],

@@ -10,7 +10,7 @@ from coserve_testlib import make_engine
 from coserve.engine.cost_model import EAGER, CostModel, Forward, Unit
 from coserve.engine.finetune.backward import UnitGraphs
 from coserve.engine.finetune.job import UNIT_SHARE, JobState
-from coserve.engine.finetune.manager import build_job
+from coserve.engine.finetune.manager import PATIENCE, build_job
 from coserve.engine.finetune.spec import JobSpec
 from coserve.engine.sampling import SamplingParams
 from coserve_testlib import write_task
@@ -108,6 +108,38 @@ def test_with_no_inference_waiting_an_iteration_plans_the_idle_budget_not_the_la
         beside.append(s.finetune_tokens)
         assert cost.forward_s(s.prefill_tokens + s.decode_tokens + s.finetune_tokens) <= 0.004 + 1e-12
     assert any(beside), "finetuning still fills what the target leaves beside inference"
+
+
+def test_finetuning_stands_aside_while_requests_wait_for_admission_but_never_starves(llama_dir, tmp_path):
+    """With every batch slot taken and requests queued, iterations hold inference only (they end sooner, so the
+    queue drains); after PATIENCE such iterations one trains as usual; without a queue finetuning fills again."""
+    write_task(tmp_path)
+    cost = CostModel(fwd_fixed_s=0.0, fwd_per_token_s=1e-6, unit_fixed_s=0.0, unit_per_token_s=1e-6)
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=50.0, cost_model=cost, max_num_seqs=1)
+    job = build_job(engine, spec("aside", epochs=50))
+    engine.finetune.add(job)
+    for i in range(3):
+        engine.add_request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=PATIENCE + 10, temperature=0,
+                                                              ignore_eos=True))
+    held = []
+    while len(engine.scheduler.waiting) == 2 or not held:
+        engine.step()
+        s = engine.last_step
+        held.append((s.finetune_yielded, s.finetune_tokens + s.backward_units > 0))
+    queued = held[:PATIENCE + 1]
+    assert queued[:PATIENCE] == [(True, False)] * PATIENCE, "finetuning waits while requests are queued"
+    assert queued[PATIENCE] == (False, True), "after PATIENCE iterations aside, one trains (no job starves)"
+    while engine.requests:
+        engine.step()
+    trained = []
+    for _ in range(4):
+        engine.add_request("alone", [5, 6, 7], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        engine.step()
+        s = engine.last_step
+        trained.append(not s.finetune_yielded and s.finetune_tokens + s.backward_units > 0)
+        while engine.requests:
+            engine.step()
+    assert all(trained), "with nobody waiting, finetuning shares the iterations again"
 
 
 def test_finetuning_never_delays_inference_past_a_tiny_target(llama_dir, tmp_path):

@@ -40,6 +40,10 @@ def test_smoke_run_measures_every_mode_and_plots(tmp_path):
             assert p["finetune_tokens_per_s"] == 0
         if mode == "coserve":
             assert p["finetune_tokens_per_s"] > 0
+        held = p["engine_iterations"]
+        assert held["inference"]["iterations"] + held["both"]["iterations"] > 0, "the window's iterations counted"
+        if held["both"]["iterations"]:
+            assert mode == "coserve" and held["both"]["mean_ms"] > 0
     assert result["runs"]["finetune-only"]["notes"]["inference_refusal"]["status"] == 503
     assert result["runs"]["inference-only"]["notes"]["finetune_job_status"] == 503
     records = result["runs"]["coserve"]["records"]

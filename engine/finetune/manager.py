@@ -147,6 +147,7 @@ class FinetuneManager:
         self.stopped = threading.Event()               # set by the engine thread once that is done
         self.stop_requested = 0.0                      # time.monotonic() of the first stop request
         self.warmed_shapes: set[tuple[int, int]] = set()   # unit shapes run once outside a graph capture
+        self.aside = 0                                 # iterations in a row finetuning stood aside (stands_aside)
 
     # ---- admission and ownership --------------------------------------------------------------------
     def check_new(self, spec: JobSpec, replace: bool = False) -> None:
@@ -325,6 +326,18 @@ class FinetuneManager:
         except Exception as exc:
             log.exception("finetuning job %s failed", job.spec.id)
             job.fail(f"{type(exc).__name__}: {exc}")
+
+    def stands_aside(self, backlog: bool) -> bool:
+        """Whether finetuning leaves this iteration to inference. With requests waiting for admission (`backlog`:
+        batch slots, the token budget or KV blocks all taken) inference keeps up only if its iterations are as
+        short as it can make them: requests finish and free their places sooner, where finetuning would stretch
+        every iteration to the latency target and the queue would grow (TTFT past any SLO). After PATIENCE such
+        iterations in a row one runs as usual, so no job starves under overload."""
+        if not backlog or self.aside >= PATIENCE:
+            self.aside = 0
+            return False
+        self.aside += 1
+        return True
 
     def plan_forward(self, budget: float, inference_tokens: int, inference_pairs: int, token_room: int,
                      cost: CostModel, graphed: bool) -> list[Chunk]:
