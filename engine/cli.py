@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache size: GiB on cpu, fraction of free GPU memory on cuda (vLLM's "
                             "--gpu-memory-utilization is taken as this fraction)")
     serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    serve.add_argument("--max-num-seqs", type=int, default=64, help="requests in one batch at most")
+    serve.add_argument("--max-num-seqs", type=int, default=256, help="requests in one batch at most (co-served "
+                                                                       "requests hold a slot longer: keep it high)")
     serve.add_argument("--max-batched-tokens", "--max-num-batched-tokens", type=int, default=512,
                        help="tokens in one iteration at most")
     serve.add_argument("--max-loras", type=int, default=8, help="adapter slots")

@@ -14,7 +14,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None    # default: from kv_cache_memory
     kv_cache_memory: float = 0.5        # GiB on cpu; fraction of free memory on cuda
     max_model_len: int | None = None    # default: the model's max_position_embeddings, capped by the cache
-    max_num_seqs: int = 64
+    max_num_seqs: int = 256             # batch slots (vLLM's default); co-served iterations run toward the TPOT
+                                        # target, so a request holds its slot longer than with inference alone
     max_batched_tokens: int = 512
     max_loras: int = 8
     max_lora_rank: int = 128
