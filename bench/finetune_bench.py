@@ -251,7 +251,8 @@ def window(streams: Streams, seconds: float, job=None) -> dict:
     times of the iterations that decoded, the streams' token gaps and decode tokens/s."""
     engine = streams.engine
     iters, gaps, decoded = [], [], 0
-    units = {"units": 0, "eager_units": 0, "unit_captures": 0, "finetune_forward_iterations": 0}
+    units = {"units": 0, "eager_units": 0, "unit_captures": 0, "finetune_forward_iterations": 0,
+             "finetune_aside_iterations": 0}
     t0 = time.perf_counter()
     while True:
         step_before = job.step if job is not None else None
@@ -265,6 +266,7 @@ def window(streams: Streams, seconds: float, job=None) -> dict:
         units["eager_units"] += last.eager_units
         units["unit_captures"] += last.unit_captures
         units["finetune_forward_iterations"] += bool(last.finetune_tokens)
+        units["finetune_aside_iterations"] += last.finetune_yielded
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds and (job is None or job.step != step_before or not job.active
                                    or elapsed >= 3 * seconds):

@@ -340,7 +340,7 @@ def job_spec(settings: Settings, label: str, max_seq_len: int) -> dict:
             "output": f"ft/{label}",
             "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
             "training": {"lr": 1e-4, "epochs": 100000, "max_steps": 10**8, "sequences_per_step": 1,
-                         "max_seq_len": max_seq_len, "packing": True, "chunk_tokens": settings.chunk_tokens,
+                         "max_seq_len": max_seq_len, "packing": True, "chunk_tokens": settings.chunk_tokens or None,
                          "seed": 0}}
 
 
@@ -676,7 +676,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in seconds (default 0.045, the paper's for 8B)")
     p.add_argument("--engine-tpot-ms", type=float, help="the engine's --tpot-slo-ms, its per-iteration target "
                                                         "(default: --tpot-slo itself)")
-    p.add_argument("--chunk-tokens", type=int, help="the job's forward chunk / backward unit size (default 256)")
+    p.add_argument("--chunk-tokens", type=int, help="the job's largest forward chunk (default 256; 0: no cap, the engine sizes each chunk to "
+                        "what the iteration has room for)")
     p.add_argument("--gamma-cv", type=float, help="coefficient of variation of the Gamma trace (default 3)")
     p.add_argument("--engine-arg", action="append", default=[],
                    help="extra `coserve serve` argument, e.g. --engine-arg=--max-num-seqs=128 (repeatable)")
@@ -699,7 +700,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         gamma_rates=floats(a.gamma_rates if a.gamma_rates is not None else ("" if smoke else "12")),
         duration_s=a.duration or (1.5 if smoke else 10.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
-        engine_tpot_ms=a.engine_tpot_ms or 1000 * tpot, chunk_tokens=a.chunk_tokens or (16 if smoke else 256),
+        engine_tpot_ms=a.engine_tpot_ms or 1000 * tpot, chunk_tokens=a.chunk_tokens if a.chunk_tokens is not None else (16 if smoke else 256),
         engine_args=engine_args, workload=workload, model=a.model.resolve() if a.model else None,
         time_budget_s=a.time_budget if a.time_budget is not None else (None if smoke else 570.0))
     return settings, a
