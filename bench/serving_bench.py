@@ -676,8 +676,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in seconds (default 0.045, the paper's for 8B)")
     p.add_argument("--engine-tpot-ms", type=float, help="the engine's --tpot-slo-ms, its per-iteration target "
                                                         "(default: --tpot-slo itself)")
-    p.add_argument("--chunk-tokens", type=int, help="the job's largest forward chunk (default 256; 0: no cap, the engine sizes each chunk to "
-                        "what the iteration has room for)")
+    p.add_argument("--chunk-tokens", type=int, help="the job's largest forward chunk (default 256; 0: no cap, "
+                                                     "the engine sizes each chunk to the iteration's room)")
     p.add_argument("--gamma-cv", type=float, help="coefficient of variation of the Gamma trace (default 3)")
     p.add_argument("--engine-arg", action="append", default=[],
                    help="extra `coserve serve` argument, e.g. --engine-arg=--max-num-seqs=128 (repeatable)")
