@@ -665,7 +665,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
                                                 "in /dev/shm when it exists)")
     p.add_argument("--modes", help="comma-separated: finetune-only, inference-only, coserve, temporal-N "
                                    "(default: all, temporal-N for each --temporal-intervals)")
-    p.add_argument("--temporal-intervals", default=None, help="N of the temporal baselines (default 128,512; the paper also runs 64)")
+    p.add_argument("--temporal-intervals", default=None,
+                   help="N of the temporal baselines (default 128,512; the paper also runs 64)")
     p.add_argument("--rates", help="Poisson arrival rates, requests/s (default 12,24,48)")
     p.add_argument("--gamma-rates", help="bursty Gamma arrival rates, requests/s (default 12; none with --smoke)")
     p.add_argument("--duration", type=float, help="seconds of arrivals per point (default 10)")
@@ -700,7 +701,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         gamma_rates=floats(a.gamma_rates if a.gamma_rates is not None else ("" if smoke else "12")),
         duration_s=a.duration or (1.5 if smoke else 10.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
-        engine_tpot_ms=a.engine_tpot_ms or 1000 * tpot, chunk_tokens=a.chunk_tokens if a.chunk_tokens is not None else (16 if smoke else 256),
+        engine_tpot_ms=a.engine_tpot_ms or 1000 * tpot,
+        chunk_tokens=a.chunk_tokens if a.chunk_tokens is not None else (16 if smoke else 256),
         engine_args=engine_args, workload=workload, model=a.model.resolve() if a.model else None,
         time_budget_s=a.time_budget if a.time_budget is not None else (None if smoke else 570.0))
     return settings, a
