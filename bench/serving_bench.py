@@ -677,8 +677,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in seconds (default 0.045, the paper's for 8B)")
     p.add_argument("--engine-tpot-ms", type=float, help="the engine's --tpot-slo-ms, its per-iteration target "
                                                         "(default: --tpot-slo itself)")
-    p.add_argument("--chunk-tokens", type=int, help="the job's largest forward chunk (default 256; 0: no cap, "
-                                                     "the engine sizes each chunk to the iteration's room)")
+    p.add_argument("--chunk-tokens", type=int, help="the job's largest forward chunk (default 0: no cap, the engine "
+                                                     "sizes each chunk to the iteration's room; v8 and earlier: 256)")
     p.add_argument("--gamma-cv", type=float, help="coefficient of variation of the Gamma trace (default 3)")
     p.add_argument("--engine-arg", action="append", default=[],
                    help="extra `coserve serve` argument, e.g. --engine-arg=--max-num-seqs=128 (repeatable)")
@@ -702,7 +702,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         duration_s=a.duration or (1.5 if smoke else 10.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
         engine_tpot_ms=a.engine_tpot_ms or 1000 * tpot,
-        chunk_tokens=a.chunk_tokens if a.chunk_tokens is not None else (16 if smoke else 256),
+        chunk_tokens=a.chunk_tokens if a.chunk_tokens is not None else (16 if smoke else 0),
         engine_args=engine_args, workload=workload, model=a.model.resolve() if a.model else None,
         time_budget_s=a.time_budget if a.time_budget is not None else (None if smoke else 570.0))
     return settings, a

@@ -160,12 +160,13 @@ class LLMEngine:
         chunks = ahead[0] if ahead is not None else self.scheduler.schedule() if turn.inference else []
         inference_tokens = sum(c.length for c in chunks)
         budget = (self.config.tpot_slo_ms if chunks else self.config.idle_iteration_ms) / 1000
-        aside = turn.finetune and self.finetune.stands_aside(bool(chunks) and bool(self.scheduler.waiting))
-        trains = turn.finetune and not aside
+        trains = turn.finetune and self.finetune.has_work()
+        aside = trains and self.finetune.stands_aside(bool(chunks) and bool(self.scheduler.waiting))
+        trains = trains and not aside
         if ahead is not None:       # queued by the last step: nothing to plan
             _, flight, forward = ahead
         else:
-            if trains and self.finetune.has_work():
+            if trains:
                 room = self.config.max_batched_tokens - inference_tokens if chunks else self.max_model_len
                 ft_chunks = self.finetune.plan_forward(budget, inference_tokens,
                                                        sum(context(c.start, c.length) for c in chunks), room,

@@ -116,11 +116,12 @@ def test_finetuning_stands_aside_while_requests_wait_for_admission_but_never_sta
     write_task(tmp_path)
     cost = CostModel(fwd_fixed_s=0.0, fwd_per_token_s=1e-6, unit_fixed_s=0.0, unit_per_token_s=1e-6)
     engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=50.0, cost_model=cost, max_num_seqs=1)
-    job = build_job(engine, spec("aside", epochs=50))
-    engine.finetune.add(job)
     for i in range(3):
         engine.add_request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=PATIENCE + 10, temperature=0,
                                                               ignore_eos=True))
+    engine.step()
+    assert len(engine.scheduler.waiting) == 2 and not engine.last_step.finetune_yielded, "no job: nothing stood aside"
+    engine.finetune.add(build_job(engine, spec("aside", epochs=50)))
     held = []
     while len(engine.scheduler.waiting) == 2 or not held:
         engine.step()
