@@ -47,11 +47,12 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception:  # the last resort: a failed iteration fails its requests, never the process
                 log.exception("engine step failed; aborting the %d requests in flight", len(self.engine.requests))
-                for rid in list(self.engine.requests):
+                failed = list(self.engine.requests)
+                for rid in failed:
                     self.engine.abort(rid)
                     self.metrics.requests.labels("error").inc()
-                    self._deliver(rid, EngineFailure("the engine iteration serving this request failed, so the "
-                                                     "request was aborted; the server goes on"))
+                self._deliver([(rid, EngineFailure("the engine iteration serving this request failed, so the "
+                                                   "request was aborted; the server goes on")) for rid in failed])
                 continue
             stats = self.engine.last_step
             self.metrics.tokens.labels("prompt").inc(stats.prefill_tokens)
@@ -69,7 +70,7 @@ class AsyncEngine:
             for out in outputs:
                 if out.finished:
                     self.metrics.requests.labels(out.finish_reason).inc()
-                self._deliver(out.request_id, out)
+            self._deliver([(out.request_id, out) for out in outputs])
 
     def _drain(self, block: bool) -> None:
         try:
@@ -83,11 +84,16 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, item)
+    def _deliver(self, items: list[tuple[str, RequestOutput | Exception]]) -> None:
+        """Hand an iteration's outputs to their streams with one wake-up of each event loop, not one per output
+        (each is a write to the loop's self-pipe on this thread, and a turn of the loop on the server's)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | Exception]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between iterations and return (or raise) its result."""
@@ -110,7 +116,7 @@ class AsyncEngine:
             if request_id in self.engine.requests:
                 self.engine.abort(request_id)
                 self.metrics.requests.labels("abort").inc()
-                self._deliver(request_id, RequestOutput(request_id, "", [], [], True, "abort", 0, 0))
+                self._deliver([(request_id, RequestOutput(request_id, "", [], [], True, "abort", 0, 0))])
         self._inbox.put(run)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -132,3 +138,8 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, RequestOutput | Exception]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)

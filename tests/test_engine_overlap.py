@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from coserve_testlib import make_engine, write_task
-from coserve.engine.async_engine import AsyncEngine
+from coserve.engine.async_engine import AsyncEngine, EngineFailure
 from coserve.engine.cost_model import CostModel
 from coserve.engine.finetune.manager import build_job
 from coserve.engine.finetune.spec import JobSpec
@@ -252,3 +252,43 @@ def test_decode_queued_ahead_leaves_a_prefix_cache_that_serves_the_same_tokens(l
     fresh = engine_for(llama_dir, overlap=False).generate([follow], SamplingParams(max_tokens=8, temperature=0,
                                                                                   ignore_eos=True))[0]
     assert again.output_ids == fresh.output_ids == first.output_ids[24:32]
+
+
+def test_a_failed_iteration_ends_each_request_it_held_with_an_error_and_the_loop_serves_on(llama_dir):
+    """An iteration that raises (a device fault, injected here: none can be produced on a CPU) aborts the requests
+    in flight, each stream ends with EngineFailure, and the next request is served in full."""
+    engine = engine_for(llama_dir, overlap=True, ahead=False)
+    ids = engine.tokenizer(PROMPTS[0]).input_ids
+    real_step, failures = engine.step, []
+
+    def step():
+        if len(engine.requests) == 3 and not failures:
+            failures.append(True)
+            raise RuntimeError("injected device fault")
+        return real_step()
+
+    engine.step = step
+
+    async def collect(i: int) -> str | list[int]:
+        got = []
+        try:
+            async for out in server.generate(f"r{i}", ids, SamplingParams(max_tokens=8, temperature=0,
+                                                                          ignore_eos=True)):
+                got += out.token_ids
+        except EngineFailure as exc:
+            return str(exc)
+        return got
+
+    async def main() -> tuple[list, list]:
+        server.start()
+        try:
+            failed = await asyncio.wait_for(asyncio.gather(*(collect(i) for i in range(3))), 60)
+            after = await asyncio.wait_for(collect(3), 60)
+        finally:
+            server.shutdown()
+        return failed, after
+
+    server = AsyncEngine(engine)
+    failed, after = asyncio.run(main())
+    assert failures and all(isinstance(f, str) and "aborted" in f for f in failed), failed
+    assert len(after) == 8 and not engine.requests
