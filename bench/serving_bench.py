@@ -667,9 +667,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
                                    "(default: all, temporal-N for each --temporal-intervals)")
     p.add_argument("--temporal-intervals", default=None,
                    help="N of the temporal baselines (default 128,512; the paper also runs 64)")
-    p.add_argument("--rates", help="Poisson arrival rates, requests/s (default 12,24,48)")
+    p.add_argument("--rates", help="Poisson arrival rates, requests/s (default 12,24,48,96)")
     p.add_argument("--gamma-rates", help="bursty Gamma arrival rates, requests/s (default 12; none with --smoke)")
-    p.add_argument("--duration", type=float, help="seconds of arrivals per point (default 10)")
+    p.add_argument("--duration", type=float, help="seconds of arrivals per point (default 8)")
     p.add_argument("--drain-cap", type=float, help="seconds allowed after a trace's last window before requests "
                                                    "still running are cancelled (default 60; a request is "
                                                    "cancelled anyway once it certainly misses the SLO)")
@@ -697,9 +697,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         workload = dataclasses.replace(workload, gamma_cv=a.gamma_cv)
     engine_args = list(a.engine_arg) + (["--device", "cpu"] if smoke else [])
     settings = Settings(
-        smoke=smoke, modes=modes, rates=floats(a.rates or ("2,4" if smoke else "12,24,48")),
+        smoke=smoke, modes=modes, rates=floats(a.rates or ("2,4" if smoke else "12,24,48,96")),
         gamma_rates=floats(a.gamma_rates if a.gamma_rates is not None else ("" if smoke else "12")),
-        duration_s=a.duration or (1.5 if smoke else 10.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
+        duration_s=a.duration or (1.5 if smoke else 8.0), drain_cap_s=a.drain_cap or (30.0 if smoke else 60.0),
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
         engine_tpot_ms=a.engine_tpot_ms or 1000 * tpot,
         chunk_tokens=a.chunk_tokens if a.chunk_tokens is not None else (16 if smoke else 0),
