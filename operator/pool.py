@@ -68,7 +68,7 @@ def statefulset(pool: dict, settings: OperatorSettings) -> dict:
             "--port", str(settings.engine_port), "--admin-token-file", f"/var/run/coserve/{key}",
             "--served-model-name", spec["model"].get("servedName") or name,
             "--tpot-slo-ms", str(e.get("tpotSloMs", 50)), "--idle-iteration-ms", str(e.get("idleIterationMs", 200)),
-            "--max-loras", str(e.get("maxAdapters", 8)),
+            "--max-num-seqs", str(e.get("maxNumSeqs", 256)), "--max-loras", str(e.get("maxAdapters", 8)),
             "--max-finetune-jobs", str(e.get("finetuneSlots", 2)), *t.get("args", [])]
     volumes = [{"name": "token", "secret": {"secretName": secret_name}}]
     mounts = [{"name": "token", "mountPath": "/var/run/coserve", "readOnly": True}]

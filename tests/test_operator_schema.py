@@ -133,8 +133,9 @@ def test_managed_pool_objects():
     assert container["args"][:4] == ["serve", "--model", "/data/models/llama-3.1-8b-instruct", "--data-root"]
     assert "--admin-token-file" in container["args"] and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     flags = dict(zip(container["args"], container["args"][1:]))
-    assert (flags["--tpot-slo-ms"], flags["--idle-iteration-ms"], flags["--max-loras"], flags["--max-finetune-jobs"]) \
-        == ("50", "200", "8", "2"), "the pool's engine settings reach the engines' command line"
+    assert (flags["--tpot-slo-ms"], flags["--idle-iteration-ms"], flags["--max-num-seqs"], flags["--max-loras"],
+            flags["--max-finetune-jobs"]) == ("50", "200", "256", "8", "2"), \
+        "the pool's engine settings reach the engines' command line"
     assert sts["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert headless_service(pool, settings)["spec"]["clusterIP"] == "None"
     secret = token_secret(pool)
