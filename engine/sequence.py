@@ -32,6 +32,16 @@ class RequestOutput:
     completion_tokens: int
     error: str | None = None         # why the request failed (finish_reason "error"); the batch went on
 
+    @staticmethod
+    def join(outs: list[RequestOutput]) -> RequestOutput:
+        """Consecutive deltas of one request as one: texts, tokens and logprobs in order, the rest from the last."""
+        if len(outs) == 1:
+            return outs[0]
+        last = outs[-1]
+        return RequestOutput(last.request_id, "".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
+                             [lp for o in outs for lp in o.logprobs], last.finished, last.finish_reason,
+                             last.prompt_tokens, last.completion_tokens, last.error)
+
 
 @dataclass(eq=False)      # a request is itself: compared by identity, cheap in `running` and `waiting`
 class Sequence:

@@ -292,3 +292,29 @@ def test_a_failed_iteration_ends_each_request_it_held_with_an_error_and_the_loop
     failed, after = asyncio.run(main())
     assert failures and all(isinstance(f, str) and "aborted" in f for f in failed), failed
     assert len(after) == 8 and not engine.requests
+
+
+def test_deltas_queued_while_the_consumer_is_busy_come_as_one_and_lose_nothing(llama_dir):
+    """A stream read late gets the deltas that piled up joined into one (fewer turns of a server's loop that fell
+    behind the engine), with every token, logprob and the text in order."""
+    ids = engine_for(llama_dir, overlap=False).tokenizer(PROMPTS[1]).input_ids
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+    want = run_script(engine_for(llama_dir, overlap=False), {0: [("r", ids, params)]})["r"]
+
+    async def main() -> list:
+        server = AsyncEngine(engine_for(llama_dir, overlap=True, ahead=False))
+        server.start()
+        try:
+            outs, gen = [], server.generate("r", ids, params)
+            outs.append(await asyncio.wait_for(gen.__anext__(), 60))
+            while server.engine.requests:       # the engine finishes the request while nobody reads
+                await asyncio.sleep(0.01)
+            outs += [out async for out in gen]
+        finally:
+            server.shutdown()
+        return outs
+
+    outs = asyncio.run(main())
+    assert len(outs) == 2 and outs[-1].finished and outs[-1].finish_reason == "length"
+    assert ("".join(o.text for o in outs), [t for o in outs for t in o.token_ids]) == (want.text, want.token_ids)
+    assert len([lp for o in outs for lp in o.logprobs]) == 12

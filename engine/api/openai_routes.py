@@ -170,7 +170,7 @@ def openai_router(engine: AsyncEngine, chat_encoder: ChatEncoder | None) -> APIR
                                "choices": [], "usage": usage(out.prompt_tokens, out.completion_tokens)}
             return sse(chunks())
         outs = ([head] if head else []) + await collect(request, gen, rid)
-        merged = _merge(rid, outs)
+        merged = RequestOutput.join(outs)
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": [choice(echo + merged.text, merged)],
                 "usage": usage(merged.prompt_tokens, merged.completion_tokens)}
@@ -210,7 +210,7 @@ def openai_router(engine: AsyncEngine, chat_encoder: ChatEncoder | None) -> APIR
                         yield {**base, "choices": [], "usage": usage(out.prompt_tokens, out.completion_tokens)}
             return sse(chunks())
         outs = ([head] if head else []) + await collect(request, gen, rid)
-        merged = _merge(rid, outs)
+        merged = RequestOutput.join(outs)
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": merged.text},
                              "logprobs": logprobs(merged), "finish_reason": merged.finish_reason}],
@@ -246,11 +246,3 @@ async def _chain(head: list[RequestOutput], rest: AsyncIterator[RequestOutput]) 
             yield out
     finally:
         await rest.aclose()
-
-
-def _merge(rid: str, outs: list[RequestOutput]) -> RequestOutput:
-    """Join a request's deltas into one answer."""
-    last = outs[-1]
-    return RequestOutput(rid, "".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
-                         [lp for o in outs for lp in o.logprobs], True, last.finish_reason,
-                         last.prompt_tokens, last.completion_tokens)
