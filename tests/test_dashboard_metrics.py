@@ -34,9 +34,11 @@ def test_dashboard_queries_only_exported_metrics():
     assert len(exprs) >= 15
     used = set().union(*(promql_metric_names(e) for e in exprs))
     assert used - (exported_metric_names() | PROTOCOL_METRICS) == set()
+    # TTFT, TPOT, finetuning tokens/s and progress, KV, adapter slots, how full iterations run, standing aside
     for needed in ("coserve_time_to_first_token_seconds_bucket", "coserve_time_per_output_token_seconds_bucket",
                    "coserve_tokens_total", "coserve_finetune_step", "coserve_kv_cache_usage_ratio",
-                   "vllm:lora_requests_info"):   # TTFT, TPOT, finetuning tokens/s and progress, KV, adapter slots
+                   "vllm:lora_requests_info", "coserve_iteration_seconds_count",
+                   "coserve_finetune_aside_iterations_total"):
         assert needed in used, needed
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
