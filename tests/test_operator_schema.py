@@ -133,8 +133,13 @@ def test_managed_pool_objects():
     assert container["args"][:4] == ["serve", "--model", "/data/models/llama-3.1-8b-instruct", "--data-root"]
     assert "--admin-token-file" in container["args"] and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     flags = dict(zip(container["args"], container["args"][1:]))
-    assert (flags["--tpot-slo-ms"], flags["--idle-iteration-ms"], flags["--max-num-seqs"], flags["--max-loras"],
-            flags["--max-finetune-jobs"]) == ("50", "200", "256", "8", "2"), \
+    engine_flags = ("--tpot-slo-ms", "--idle-iteration-ms", "--max-num-seqs", "--max-loras", "--max-finetune-jobs")
+    assert tuple(flags[f] for f in engine_flags) == ("50", "200", "256", "8", "2")
+    pool["spec"]["engine"] = {"tpotSloMs": 45, "idleIterationMs": 150, "maxNumSeqs": 128, "maxAdapters": 4,
+                              "finetuneSlots": 1}
+    args = statefulset(pool, settings)["spec"]["template"]["spec"]["containers"][0]["args"]
+    flags = dict(zip(args, args[1:]))
+    assert tuple(flags[f] for f in engine_flags) == ("45", "150", "128", "4", "1"), \
         "the pool's engine settings reach the engines' command line"
     assert sts["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert headless_service(pool, settings)["spec"]["clusterIP"] == "None"
