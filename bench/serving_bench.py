@@ -360,12 +360,14 @@ class Window:
 
 
 ITERATION_SERIES = re.compile(r'^(coserve_iteration_seconds_(?:sum|count))\{holds="(\w+)"\} (\S+)$|'
-                              r'^(coserve_finetune_aside_iterations_total) (\S+)$', re.M)
+                              r'^coserve_finetune_(aside_iterations|unit_captures)_total (\S+)$|'
+                              r'^coserve_cost_model_(margin|relative_error) (\S+)$', re.M)
 
 
 async def iteration_counters(http: httpx.AsyncClient) -> dict[str, float]:
-    """The engine's iteration histogram sums and counts by what iterations held, and how many iterations
-    finetuning stood aside, from /metrics (empty if the scrape fails)."""
+    """The engine's iteration histogram sums and counts by what iterations held, how many iterations finetuning
+    stood aside, how many unit graphs it captured, and the cost model's margin and error, from /metrics (empty if
+    the scrape fails)."""
     try:
         text = (await http.get("/metrics")).text
     except httpx.HTTPError:
@@ -374,19 +376,24 @@ async def iteration_counters(http: httpx.AsyncClient) -> dict[str, float]:
     for m in ITERATION_SERIES.finditer(text):
         if m.group(1):
             out[f"{m.group(1).rsplit('_', 1)[1]}:{m.group(2)}"] = float(m.group(3))
+        elif m.group(4):
+            out[m.group(4)] = float(m.group(5))
         else:
-            out["aside"] = float(m.group(5))
+            out[m.group(6)] = float(m.group(7))
     return out
 
 
 def iteration_stats(before: dict[str, float], after: dict[str, float]) -> dict:
-    """Per window: iterations by what they held, their mean wall time, and those finetuning stood aside."""
+    """Per window: iterations by what they held, their mean wall time, those finetuning stood aside, the unit
+    graphs captured (host time the device waits through), and the cost model's margin and error at its end."""
     stats: dict = {}
     for holds in ("inference", "both", "finetune"):
         n = after.get(f"count:{holds}", 0) - before.get(f"count:{holds}", 0)
         total = after.get(f"sum:{holds}", 0) - before.get(f"sum:{holds}", 0)
         stats[holds] = {"iterations": int(n), "mean_ms": round(1000 * total / n, 2) if n else None}
-    stats["finetune_aside"] = int(after.get("aside", 0) - before.get("aside", 0))
+    stats["finetune_aside"] = int(after.get("aside_iterations", 0) - before.get("aside_iterations", 0))
+    stats["unit_captures"] = int(after.get("unit_captures", 0) - before.get("unit_captures", 0))
+    stats["cost_margin"], stats["cost_error"] = after.get("margin"), after.get("relative_error")
     return stats
 
 

@@ -59,6 +59,7 @@ class AsyncEngine:
             self.metrics.tokens.labels("generation").inc(stats.decode_tokens)
             self.metrics.tokens.labels("finetune").inc(stats.finetune_tokens)
             self.metrics.backward_units.inc(stats.backward_units)
+            self.metrics.unit_captures.inc(stats.unit_captures)
             if stats.holds is not None:
                 self.metrics.iteration.labels(stats.holds).observe(stats.duration_s)
             if stats.finetune_yielded:

@@ -48,6 +48,8 @@ class Metrics:
         self.iteration = Histogram("coserve_iteration_seconds", "Engine iterations' wall time, by what they held "
                                    "(inference, finetune or both): how full co-served iterations run against "
                                    "the latency target", ["holds"], buckets=ITERATION_BUCKETS, registry=r)
+        self.unit_captures = Counter("coserve_finetune_unit_captures", "Finetuning backward units whose CUDA graph "
+                                     "was captured (host time, once per unit shape and layer)", registry=r)
         self.finetune_aside = Counter("coserve_finetune_aside_iterations", "Iterations in which finetuning stood "
                                       "aside because requests waited for admission", registry=r)
         self.jobs = Gauge("coserve_finetune_jobs", "Finetuning jobs, by state", ["state"], registry=r)

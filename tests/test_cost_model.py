@@ -202,3 +202,4 @@ def test_the_engine_learns_its_own_iteration_times_and_exports_the_error(llama_d
             if s.name == "coserve_iteration_seconds_count"}
     assert held.get("both", 0) > 0, "co-served iterations are timed by what they held"
     assert samples["coserve_finetune_aside_iterations_total"] == 0, "six requests never queue for 256 slots"
+    assert samples["coserve_finetune_unit_captures_total"] == 0, "a CPU has no CUDA graphs: units run eagerly"

@@ -12,7 +12,7 @@ from coserve.engine.finetune import loss as loss_mod
 from coserve.engine.finetune.dataset import IGNORE
 from coserve.engine.finetune.loss import linear_cross_entropy, linear_cross_entropy_torch
 from coserve.engine.finetune.adapter import TrainAdapter
-from coserve.engine.finetune.backward import LayerInputs, context_bucket, layer_grads, unit_mask
+from coserve.engine.finetune.backward import TOKEN_STEP, LayerInputs, context_bucket, layer_grads, unit_mask, unit_rows
 from coserve.engine.finetune.spec import LoRASpec
 from coserve.kernels import cross_entropy
 from coserve.kernels.paged_attention import causal_attention, causal_attention_sdpa, masked_attention_sdpa
@@ -90,10 +90,9 @@ def test_attention_over_a_bucket_of_past_keys_equals_the_exact_past(n, start, kv
     assert not bucket[1].grad[start:].any() and not bucket[2].grad[start:].any()
 
 
-@pytest.mark.parametrize("start,n", [(5, 7), (16, 16), (33, 4)])
-def test_a_layer_unit_over_a_bucket_of_past_keys_equals_the_exact_unit(llama_dir, start, n):
-    """layer_grads with `context` (a graph's view: past keys up to the bucket, those past the start holding NaN
-    here) equals the exact unit: gradients of the input, of the past keys and values, and of the LoRA weights."""
+def layer_unit(llama_dir, start: int, n: int):
+    """A tiny model's layer 1 with random KV blocks (NaN past the start: not the unit's past), a random r=4 adapter
+    and random unit inputs: (model, cache, adapter, params, inputs)."""
     engine = make_engine(llama_dir, num_kv_blocks=32)
     cfg, cache = engine.model.cfg, engine.kv_caches[1]
     g = torch.Generator().manual_seed(start)
@@ -108,13 +107,21 @@ def test_a_layer_unit_over_a_bucket_of_past_keys_equals_the_exact_unit(llama_dir
     with torch.no_grad():
         for p in adapter.parameters():
             p.normal_(0, 0.1, generator=g)
-    params = adapter.layer_parameters(1)
     kv = (n, cfg.num_kv_heads, cfg.head_dim)
     hidden = (n, cfg.hidden_size)
     inputs = LayerInputs(torch.randn(hidden, generator=g), table, torch.randn(hidden, generator=g),
                          torch.randn(kv, generator=g), torch.randn(kv, generator=g), start)
-    exact = layer_grads(engine.model, 1, cache, adapter, inputs, params)
-    bucket = layer_grads(engine.model, 1, cache, adapter, dataclasses.replace(inputs, start=torch.tensor(start)),
+    return engine.model, cache, adapter, adapter.layer_parameters(1), inputs
+
+
+@pytest.mark.parametrize("start,n", [(5, 7), (16, 16), (33, 4)])
+def test_a_layer_unit_over_a_bucket_of_past_keys_equals_the_exact_unit(llama_dir, start, n):
+    """layer_grads with `context` (a graph's view: past keys up to the bucket, those past the start holding NaN
+    here) equals the exact unit: gradients of the input, of the past keys and values, and of the LoRA weights."""
+    model, cache, adapter, params, inputs = layer_unit(llama_dir, start, n)
+    context = context_bucket(start)
+    exact = layer_grads(model, 1, cache, adapter, inputs, params)
+    bucket = layer_grads(model, 1, cache, adapter, dataclasses.replace(inputs, start=torch.tensor(start)),
                          params, context=context)
     torch.testing.assert_close(bucket[0], exact[0], rtol=1e-5, atol=1e-5)
     for i in (1, 2):
@@ -122,3 +129,35 @@ def test_a_layer_unit_over_a_bucket_of_past_keys_equals_the_exact_unit(llama_dir
         torch.testing.assert_close(bucket[i][:start], exact[i], rtol=1e-5, atol=1e-5)
     for mine, ref in zip(bucket[3], exact[3]):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("start,n", [(0, 5), (16, 13), (33, 3), (48, 40)])
+def test_a_unit_padded_to_its_bucket_of_rows_equals_the_exact_unit(llama_dir, start, n):
+    """A sequence's last span padded with zero rows to `unit_rows` (what its graph computes, so the graph recurs
+    across sequence lengths) adds nothing: the real rows' input gradient, the past keys' and values' and the LoRA
+    weights' gradients equal the exact unit's, with the padding past the end of the rotary table."""
+    model, cache, adapter, params, inputs = layer_unit(llama_dir, start, n)
+    rows, context = unit_rows(n), context_bucket(start)
+    assert rows > n
+    model.cos_sin = model.cos_sin[:start + n]      # the padding's positions lie past the table
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(rows - n, *t.shape[1:])])
+    exact = layer_grads(model, 1, cache, adapter, inputs, params)
+    pad = LayerInputs(padded(inputs.x), inputs.block_table, padded(inputs.grad_out), padded(inputs.dk),
+                      padded(inputs.dv), torch.tensor(start))
+    ours = layer_grads(model, 1, cache, adapter, pad, params, context=context)
+    torch.testing.assert_close(ours[0][:n], exact[0], rtol=1e-5, atol=1e-5)
+    for i in (1, 2):
+        torch.testing.assert_close(ours[i][:start], exact[i], rtol=1e-5, atol=1e-5)
+    for mine, ref in zip(ours[3], exact[3]):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unit_rows_recur_across_lengths():
+    """Powers of two up to TOKEN_STEP, then its multiples: never fewer rows than the span, at most TOKEN_STEP - 1
+    more, and few shapes over every remainder a long sequence can end in."""
+    assert [unit_rows(n) for n in (1, 3, 16, 17, 256, 257, 700, 1024)] == [1, 4, 16, 32, 256, 512, 768, 1024]
+    shapes = {unit_rows(n) for n in range(1, 2049)}
+    assert len(shapes) == 9 + 2048 // TOKEN_STEP - 1
+    assert all(0 <= unit_rows(n) - n < TOKEN_STEP for n in range(1, 4097))

@@ -6,8 +6,9 @@ within a layer, last span first. Unit (l, s) recomputes layer l for span s with 
 keys of earlier positions as leaves: their gradients go to dK/dV accumulators, which are complete for span s's
 own keys when its unit runs, because every later span has already run. Spans form a fixed grid per sequence, and a
 graphed unit gathers its past keys up to a bucket of positions (masking those past its start), so a unit's graph
-recurs layer by layer, span after span and sequence after sequence. Exact, with no autograd graph kept between
-units."""
+recurs layer by layer, span after span and sequence after sequence; the last span of a sequence, whose length is the
+sequence's remainder, runs padded to a bucket of rows (zero inputs and gradients, so they add nothing), so its graph
+recurs too. Exact, with no autograd graph kept between units."""
 from __future__ import annotations
 
 import time
@@ -26,6 +27,7 @@ from coserve.engine.model.llama import CausalLM, stream
 from coserve.kernels.paged_attention import causal_attention_sdpa, gather_kv, masked_attention_sdpa
 
 CONTEXT_STEP = 2048   # graphed units' past-key buckets: powers of two up to this, then multiples of it
+TOKEN_STEP = 256      # graphed units' row buckets: powers of two up to this, then multiples of it
 
 
 @dataclass
@@ -47,12 +49,29 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
+def _bucket(n: int, step: int) -> int:
+    """`n` rounded up to a power of two up to `step`, past it to a multiple of `step` (0 stays 0)."""
+    if n <= step:
+        return 0 if n == 0 else 1 << (n - 1).bit_length()
+    return -(-n // step) * step
+
+
 def context_bucket(start: int) -> int:
     """Past positions a graphed unit starting at `start` gathers: one graph serves every start in the bucket, at
     most twice the attention work (and none of a span's other work) of the exact start."""
-    if start <= CONTEXT_STEP:
-        return 0 if start == 0 else 1 << (start - 1).bit_length()
-    return -(-start // CONTEXT_STEP) * CONTEXT_STEP
+    return _bucket(start, CONTEXT_STEP)
+
+
+def unit_rows(tokens: int) -> int:
+    """Rows a graphed unit of `tokens` positions computes: sequences of any length end in a span of a few recurring
+    shapes, at most TOKEN_STEP - 1 padding rows (a new shape would cost a capture per layer, far more)."""
+    return _bucket(tokens, TOKEN_STEP)
+
+
+def priced_unit(kind: str, tokens: int, start: int) -> Unit:
+    """A layer unit of `tokens` positions from `start` as the cost model prices it; a graphed one at the rows and
+    past keys its graph computes."""
+    return Unit(kind, unit_rows(tokens) if kind == GRAPH else tokens, context_bucket(start))
 
 
 def grid_spans(length: int, span: int) -> list[Span]:
@@ -129,10 +148,10 @@ class SequenceBackward:
         if self.layer < 0:
             return Unit(HEAD, span.length)
         eager = eager or self.next_graphed() is None
-        return Unit(EAGER if eager else GRAPH, span.length, context_bucket(span.start))
+        return priced_unit(EAGER if eager else GRAPH, span.length, span.start)
 
     def _key(self, layer: int, span: Span) -> tuple[int, int, int]:
-        return layer, span.length, context_bucket(span.start)
+        return layer, unit_rows(span.length), context_bucket(span.start)
 
     def run_unit(self, capture: bool = False) -> None:
         """Advance by one unit; `capture`: a unit without a graph yet is captured now (else it runs eagerly)."""
@@ -209,7 +228,9 @@ def layer_grads(model: CausalLM, layer_idx: int, kv_cache: tuple[torch.Tensor, t
     """One layer recomputed under autograd for the positions from `inputs.start` on, attending to the cached keys
     of earlier positions as leaves: (dL/dx, dL/d past keys, dL/d past values, dL/d each of `params`). With
     `context`, the past is that many gathered positions and those from the start on are masked (what a graph
-    serving a bucket of starts computes); their gradients are zero. No host sync, so it can be captured."""
+    serving a bucket of starts computes); their gradients are zero. Rows past the span (a graph's padding, at
+    positions after it: no real query sees them) must hold zero inputs and gradients. No host sync, so it can be
+    captured."""
     cfg = model.cfg
     x = inputs.x.detach().requires_grad_()
     n, start = x.shape[0], inputs.start
@@ -224,6 +245,7 @@ def layer_grads(model: CausalLM, layer_idx: int, kv_cache: tuple[torch.Tensor, t
         past_v = torch.where(before, past_v, 0.0)
         positions = start + steps
         mask = unit_mask(positions, context, start, cfg.sliding_window)
+        positions = positions.clamp(max=model.cos_sin.shape[0] - 1)   # padding rows may lie past the rotary table
     past_k, past_v = past_k.requires_grad_(), past_v.requires_grad_()
     own: dict[str, torch.Tensor] = {}
 
@@ -305,14 +327,18 @@ class UnitGraphs:
         cached.graph.replay()
         self.replays += 1
         x_grad, dk, dv = self.outputs
-        _, tokens, context = key
-        return x_grad[:tokens], dk[:context], dv[:context]
+        context = key[2]
+        return x_grad[:inputs.x.shape[0]], dk[:context], dv[:context]
 
     @staticmethod
     def _load(static: LayerInputs, inputs: LayerInputs) -> None:
+        """The unit's inputs into the graph's buffers, padding rows zeroed (a longer span may have left them)."""
+        n = inputs.x.shape[0]
         for dst, src in ((static.x, inputs.x), (static.grad_out, inputs.grad_out), (static.dk, inputs.dk),
                          (static.dv, inputs.dv)):
-            dst.copy_(src)
+            dst[:n].copy_(src)
+            if n < dst.shape[0]:
+                dst[n:].zero_()
         static.block_table.copy_(inputs.block_table[:static.block_table.shape[0]])
         static.start.fill_(inputs.start)
 
@@ -322,14 +348,17 @@ class UnitGraphs:
         cache = bwd.kv_caches[layer_idx]
         if self.outputs is None:
             most = context_bucket(self.max_tokens)
-            self.outputs = (inputs.x.new_empty(self.max_tokens, inputs.x.shape[1]),
+            self.outputs = (inputs.x.new_empty(unit_rows(self.max_tokens), inputs.x.shape[1]),
                             cache[0].new_empty(most, *cache[0].shape[2:]), cache[1].new_empty(most, *cache[1].shape[2:]))
         static = self.statics.get(key[1:])
         if static is None:
             blocks = -(-context // cache[0].shape[1])
-            static = LayerInputs(inputs.x.clone(), inputs.block_table[:blocks].clone(), inputs.grad_out.clone(),
-                                 inputs.dk.clone(), inputs.dv.clone(),
-                                 torch.zeros((), dtype=torch.long, device=inputs.x.device))
+
+            def rows(t: torch.Tensor) -> torch.Tensor:
+                return t.new_zeros(tokens, *t.shape[1:])
+            static = LayerInputs(rows(inputs.x), inputs.block_table[:blocks].clone(), rows(inputs.grad_out),
+                                 rows(inputs.dk), rows(inputs.dv), torch.zeros((), dtype=torch.long,
+                                                                              device=inputs.x.device))
             self.statics[key[1:]] = static
         self._load(static, inputs)
         x_out, dk_out, dv_out = self.outputs

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from coserve.engine.cost_model import EAGER, GRAPH, STEP, Unit
+from coserve.engine.cost_model import EAGER, GRAPH, STEP
 from coserve.engine.finetune.adapter import TrainAdapter
-from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs, context_bucket, grid_spans, to_device
+from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs, grid_spans, priced_unit, to_device
 from coserve.engine.finetune.checkpoint import Checkpoint, ResumeState, retained, save_checkpoint
 from coserve.engine.finetune.dataset import Example, epoch_order
 from coserve.engine.finetune.dropout import ChunkDropout
@@ -306,7 +306,7 @@ class FinetuneJob:
         kind = GRAPH if self.unit_graphs is not None else EAGER
 
         def price(tokens: int, start: int = 0) -> float:
-            return cost.unit_s(Unit(kind, tokens, context_bucket(start) if kind == GRAPH else start))
+            return cost.unit_s(priced_unit(kind, tokens, start))
         if price(length) <= room:
             return length
         fixed = price(0)
