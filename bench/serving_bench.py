@@ -56,6 +56,7 @@ class Settings:
     tpot_slo_s: float
     engine_tpot_ms: float
     chunk_tokens: int
+    sequences_per_step: int
     engine_args: list[str]
     time_budget_s: float | None   # windows and modes that would end past it are skipped (and listed)
     model: Path | None = None     # a Hugging Face model directory to serve instead of the generated one
@@ -335,11 +336,12 @@ class ModeRun:
 
 
 def job_spec(settings: Settings, label: str, max_seq_len: int) -> dict:
-    """A job that outlasts the run (it is cancelled at the end of the mode), one sequence per optimizer step."""
+    """A job that outlasts the run (it is cancelled at the end of the mode)."""
     return {"id": f"{JOB_PREFIX}-{label}", "dataset": {"path": "ft/data.jsonl", "format": "text"},
             "output": f"ft/{label}",
             "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
-            "training": {"lr": 1e-4, "epochs": 100000, "max_steps": 10**8, "sequences_per_step": 1,
+            "training": {"lr": 1e-4, "epochs": 100000, "max_steps": 10**8,
+                         "sequences_per_step": settings.sequences_per_step,
                          "max_seq_len": max_seq_len, "packing": True, "chunk_tokens": settings.chunk_tokens or None,
                          "seed": 0}}
 
@@ -686,6 +688,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
                                                         "(default: --tpot-slo itself)")
     p.add_argument("--chunk-tokens", type=int, help="the job's largest forward chunk (default 0: no cap, the engine "
                                                      "sizes each chunk to the iteration's room; v8 and earlier: 256)")
+    p.add_argument("--sequences-per-step", type=int, help="the job's sequences per optimizer step (default 4; each "
+                                                           "one's forward runs beside the previous one's backward; "
+                                                           "v9 and earlier: 1)")
     p.add_argument("--gamma-cv", type=float, help="coefficient of variation of the Gamma trace (default 3)")
     p.add_argument("--engine-arg", action="append", default=[],
                    help="extra `coserve serve` argument, e.g. --engine-arg=--max-num-seqs=128 (repeatable)")
@@ -710,6 +715,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         ttft_slo_s=a.ttft_slo or (10.0 if smoke else 5.0), tpot_slo_s=tpot,
         engine_tpot_ms=a.engine_tpot_ms or 1000 * tpot,
         chunk_tokens=a.chunk_tokens if a.chunk_tokens is not None else (16 if smoke else 0),
+        sequences_per_step=a.sequences_per_step or 4,
         engine_args=engine_args, workload=workload, model=a.model.resolve() if a.model else None,
         time_budget_s=a.time_budget if a.time_budget is not None else (None if smoke else 570.0))
     return settings, a

@@ -136,3 +136,47 @@ def test_lora_dropout_gradients_equal_autograd_with_the_same_masks(llama_dir, tm
     no_drop = peft_grads(llama_dir, tmp_path / "init", ids)[1]
     plain = torch.cat([no_drop[f"{m}.{ab}"].flatten() for m in sorted(init) for ab in "AB"])
     assert rel_err(ours, plain) > 1e-2, "dropout must change the gradients"
+
+
+def test_a_step_of_several_sequences_runs_the_next_forward_beside_the_last_backward_and_stays_exact(llama_dir,
+                                                                                                     tmp_path):
+    """With sequences_per_step 3, each sequence's forward chunks run beside the previous one's backward units (and
+    the decode tokens) in the same iterations; one SGD step equals PEFT's gradient of the step's loss (every
+    target of the three sequences, averaged)."""
+    make_peft_adapter(llama_dir, tmp_path / "init", 0, r=8, lora_alpha=16, target_modules=TARGETS)
+    texts = [TEXT, TEXT[:90], TEXT[40:]]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=64e-3, cost_model=FIXED_COST)
+    spec = JobSpec.model_validate({
+        "id": "sps", "dataset": {"path": "data.jsonl", "format": "text"}, "output": "out", "init_from": "init",
+        "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS},
+        "training": {"optimizer": "sgd", "lr": 1.0, "max_steps": 1, "chunk_tokens": 4, "sequences_per_step": 3,
+                     "shuffle": False, "max_seq_len": 64}})
+    job = build_job(engine, spec)
+    seqs = [s.ids for s in job.sequences]
+    engine.add_request("inf", engine.tokenizer("Hello").input_ids,
+                       SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    engine.finetune.add(job)
+    beside = 0
+    while job.active:
+        backward_running = job.backward is not None
+        engine.step()
+        beside += backward_running and engine.last_step.finetune_tokens > 0
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert beside >= 2, "the next sequence's forward must share iterations with the last one's backward"
+
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(hf_model(llama_dir), str(tmp_path / "init"), is_trainable=True)
+    total = sum(F.cross_entropy(model(torch.tensor([ids])).logits[0][:-1], torch.tensor(ids[1:]), reduction="sum")
+                for ids in seqs)
+    (total / sum(len(ids) - 1 for ids in seqs)).backward()
+    grads = {}
+    for name, prm in model.named_parameters():
+        if "lora_" in name:
+            module = name.split("base_model.model.", 1)[1].split(".lora_")[0]
+            grads[f"{module}.{'A' if 'lora_A' in name else 'B'}"] = prm.grad
+    _, init = read_adapter(tmp_path / "init")
+    _, final = read_adapter(tmp_path / "out" / "checkpoint-1")
+    ours = torch.cat([(init[m][ab] - final[m][ab]).flatten() for m in sorted(init) for ab in "AB"])
+    theirs = torch.cat([grads[f"{m}.{ab}"].flatten() for m in sorted(init) for ab in "AB"])
+    assert rel_err(ours, theirs) <= 1e-5

@@ -110,13 +110,15 @@ class FinetuneJob:
         self.lr_sched: torch.optim.lr_scheduler.LambdaLR | None = None
         self.slot: int | None = None
         self.write_slot: SlotWriter | None = None   # copies the adapter into its serving slot
-        self.seq: Sequence | None = None          # the sequence in flight
+        self.seq: Sequence | None = None          # the sequence running forward (or done, waiting for backward)
         self.labels: list[int] = []
         self.acts: torch.Tensor | None = None     # the sequence's kept layer inputs, [num_layers + 1, tokens, hidden]
         self.chunks: list[Span] = []              # its forward chunks so far
-        self.backward: SequenceBackward | None = None
+        self.backward: SequenceBackward | None = None   # the step's earlier sequence running backward, beside it
+        self.back_seq: Sequence | None = None     # that sequence (its KV blocks are the backward's past keys)
         self.unit_graphs: UnitGraphs | None = None    # this job's layer units as CUDA graphs (its adapter's tensors)
-        self.seq_in_step = 0
+        self.seq_in_step = 0                      # sequences of the step begun
+        self.backs_done = 0                       # sequences of the step whose backward finished
         self.waits = 0                            # iterations its next backward unit found no room (never starved)
         self.unit_spans: dict[int, int] = {}      # sequence length -> its unit span, fixed once chosen
         self.step_loss: torch.Tensor | float = 0.0    # summed on the device until the optimizer step reads it
@@ -177,9 +179,10 @@ class FinetuneJob:
             self.persist()
 
     def _release(self) -> None:
-        if self.seq is not None:
-            self.engine.blocks.release(self.seq.request_id)
-            self.seq = None
+        for seq in (self.seq, self.back_seq):
+            if seq is not None:
+                self.engine.blocks.release(seq.request_id)
+        self.seq = self.back_seq = None
         self.backward, self.acts, self.chunks, self.unit_graphs = None, None, [], None
         if self.slot is not None:
             self.engine.loras.release_training_slot(self.slot)
@@ -243,8 +246,11 @@ class FinetuneJob:
 
     # ---- work for the scheduler ---------------------------------------------------------------------
     def begin_sequence(self, reserve_blocks: int) -> bool:
-        """Start the next sequence of the step if the KV cache has room beyond what inference keeps."""
+        """Start the step's next sequence, if it has one not begun and the KV cache has room beyond what inference
+        keeps; it may run forward while the one before it runs backward (the same weights: one step)."""
         rows = self._sequence_indices(self.step)
+        if self.seq_in_step == len(rows):
+            return False
         example = self.sequences[rows[self.seq_in_step]]
         rid = f"ft:{self.spec.id}:{self.step}:{self.seq_in_step}"
         blocks = self.engine.blocks
@@ -254,6 +260,7 @@ class FinetuneJob:
             self.step_targets = sum(self.sequences[i].num_targets for i in rows)
             self.step_loss = 0.0
         blocks.allocate(rid, len(example.ids))
+        self.seq_in_step += 1
         self.seq = Sequence(rid, example.ids, SamplingParams(max_tokens=1), adapter_slot=self.slot)
         self.labels = example.labels
         cfg, weight = self.engine.model_config, self.engine.model.lm_head.weight
@@ -262,7 +269,7 @@ class FinetuneJob:
         return True
 
     def forward_tokens_left(self) -> int:
-        return 0 if self.seq is None or self.backward is not None else self.seq.num_uncomputed
+        return 0 if self.seq is None else self.seq.num_uncomputed
 
     def next_chunk(self, max_tokens: int) -> Chunk:
         length = min(self.seq.num_uncomputed, self.spec.training.chunk_tokens or max_tokens, max_tokens)
@@ -271,25 +278,30 @@ class FinetuneJob:
         return Chunk(self.seq, self.seq.num_computed, length, finetune=True, dropout=drop)
 
     def dropout_key(self) -> str:
-        return f"{self.spec.training.seed}:{self.step}:{self.seq_in_step}"
+        """The dropout seed of the sequence running forward (or, before it begins, of the step's next one)."""
+        return f"{self.spec.training.seed}:{self.step}:{self.seq_in_step - (self.seq is not None)}"
 
     def forward_done(self, chunk: Chunk, captured: torch.Tensor) -> None:
-        """Keep the chunk's layer inputs; after the last chunk, set up the sequence's backward."""
+        """Keep the chunk's layer inputs; after the last chunk, the sequence's backward begins once the one before
+        it has finished."""
         self.seq.num_computed += chunk.length
         self.acts[:, chunk.start:chunk.start + chunk.length] = captured
         self.chunks.append(Span(chunk.start, chunk.length, chunk.dropout))
         self.tokens += chunk.length
-        if self.seq.num_uncomputed == 0:
-            blocks = self.engine.blocks.tables[self.seq.request_id]
-            padded = 1 << max(0, len(blocks) - 1).bit_length()   # unit shapes recur across sequence lengths
-            table = to_device(blocks + [0] * (padded - len(blocks)), self.engine.kv_caches[0][0].device)
-            length = self.seq.num_tokens
-            spans = self.chunks if any(c.dropout is not None for c in self.chunks) \
-                else grid_spans(length, self.unit_span(length))
-            self.backward = SequenceBackward(self.engine.model, self.adapter, self.acts, spans, self.labels, table,
-                                             self.engine.kv_caches, 1.0 / max(1, self.step_targets),
-                                             self.unit_graphs)
-            self.acts, self.chunks = None, []
+        if self.seq.num_uncomputed == 0 and self.backward is None:
+            self._begin_backward()
+
+    def _begin_backward(self) -> None:
+        """The forwarded sequence moves to backward, which frees the forward side for the step's next one."""
+        blocks = self.engine.blocks.tables[self.seq.request_id]
+        padded = 1 << max(0, len(blocks) - 1).bit_length()   # unit shapes recur across sequence lengths
+        table = to_device(blocks + [0] * (padded - len(blocks)), self.engine.kv_caches[0][0].device)
+        length = self.seq.num_tokens
+        spans = self.chunks if any(c.dropout is not None for c in self.chunks) \
+            else grid_spans(length, self.unit_span(length))
+        self.backward = SequenceBackward(self.engine.model, self.adapter, self.acts, spans, self.labels, table,
+                                         self.engine.kv_caches, 1.0 / max(1, self.step_targets), self.unit_graphs)
+        self.back_seq, self.seq, self.acts, self.chunks = self.seq, None, None, []
 
     def unit_span(self, length: int) -> int:
         """Positions per backward unit for sequences of `length`, chosen once for the job: the shapes of its units,
@@ -317,7 +329,7 @@ class FinetuneJob:
 
     def unit_ends_step(self) -> bool:
         """The next backward unit is the last of the optimizer step (the step runs right after it)."""
-        return self.backward.next_is_last and self.seq_in_step + 1 == len(self._sequence_indices(self.step))
+        return self.backward.next_is_last and self.backs_done + 1 == len(self._sequence_indices(self.step))
 
     def run_backward_unit(self, capture: bool = False) -> None:
         """One backward unit, timed on the device as the kind it runs as; `capture`: a unit that has no CUDA graph
@@ -328,11 +340,13 @@ class FinetuneJob:
             self.backward.run_unit(capture)
         if self.backward.done:
             self.step_loss += self.backward.loss_sum
-            self.engine.blocks.release(self.seq.request_id)
-            self.seq, self.backward = None, None
-            self.seq_in_step += 1
-            if self.seq_in_step == len(self._sequence_indices(self.step)):
+            self.engine.blocks.release(self.back_seq.request_id)
+            self.back_seq, self.backward = None, None
+            self.backs_done += 1
+            if self.backs_done == len(self._sequence_indices(self.step)):
                 self._optimizer_step()
+            elif self.seq is not None and self.seq.num_uncomputed == 0:
+                self._begin_backward()
 
     def _optimizer_step(self) -> None:
         """Apply the step's gradients without a host sync. The fused optimizer skips the update on the device when
@@ -344,7 +358,7 @@ class FinetuneJob:
         with self.engine.clock.timing(STEP):
             self._apply_step()
         self.step += 1
-        self.seq_in_step = 0
+        self.seq_in_step = self.backs_done = 0
         every = self.spec.checkpoint_every
         self.settle(wait=self.step == self.total_steps or bool(every and self.step % every == 0))
 
