@@ -395,7 +395,8 @@ def iteration_stats(before: dict[str, float], after: dict[str, float]) -> dict:
         stats[holds] = {"iterations": int(n), "mean_ms": round(1000 * total / n, 2) if n else None}
     stats["finetune_aside"] = int(after.get("aside_iterations", 0) - before.get("aside_iterations", 0))
     stats["unit_captures"] = int(after.get("unit_captures", 0) - before.get("unit_captures", 0))
-    stats["cost_margin"], stats["cost_error"] = after.get("margin"), after.get("relative_error")
+    margin = after.get("margin") or None      # an unset gauge reads 0: no co-served iterations learned yet
+    stats["cost_margin"], stats["cost_error"] = margin, after.get("relative_error") if margin else None
     return stats
 
 

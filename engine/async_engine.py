@@ -54,16 +54,7 @@ class AsyncEngine:
                 self._deliver([(rid, EngineFailure("the engine iteration serving this request failed, so the "
                                                    "request was aborted; the server goes on")) for rid in failed])
                 continue
-            stats = self.engine.last_step
-            self.metrics.tokens.labels("prompt").inc(stats.prefill_tokens)
-            self.metrics.tokens.labels("generation").inc(stats.decode_tokens)
-            self.metrics.tokens.labels("finetune").inc(stats.finetune_tokens)
-            self.metrics.backward_units.inc(stats.backward_units)
-            self.metrics.unit_captures.inc(stats.unit_captures)
-            if stats.holds is not None:
-                self.metrics.iteration.labels(stats.holds).observe(stats.duration_s)
-            if stats.finetune_yielded:
-                self.metrics.finetune_aside.inc()
+            self.metrics.observe_step(self.engine.last_step)
             cost = self.engine.cost
             if cost.error is not None:
                 self.metrics.cost_error.set(cost.error)

@@ -333,7 +333,7 @@ def profile(engine: "LLMEngine") -> CostModel:
     on a scratch sequence, and fit lines. Units are timed as CUDA graph replays where the engine has graphs (what
     a job's units run as, and what sizes their spans), and eagerly, whose extra launch time prices eager units."""
     from coserve.engine.finetune.adapter import TrainAdapter
-    from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs
+    from coserve.engine.finetune.backward import SequenceBackward, Span, UnitGraphs, unit_rows
     from coserve.engine.finetune.spec import LoRASpec
     from coserve.engine.model.llama import LORA_TARGETS
     from coserve.engine.runner import build_batch
@@ -385,6 +385,7 @@ def profile(engine: "LLMEngine") -> CostModel:
     cfg = engine.model_config
     rate = 2 * sum(p.numel() for p in engine.model.parameters()) * sizes[1] / fwd[1]   # at most (host time in it)
     per_pair = 4 * cfg.num_heads * cfg.head_dim / rate
-    return CostModel(fwd_fixed, per_token, *_line(sizes, tuple(graphed)), graph_fwd_fixed_s=graph_fixed,
+    rows = tuple(unit_rows(n) for n in sizes) if graphs is not None else sizes   # what a graph computes
+    return CostModel(fwd_fixed, per_token, *_line(rows, tuple(graphed)), graph_fwd_fixed_s=graph_fixed,
                      eager_unit_s=max(0.0, eager[0] - graphed[0]), fwd_per_pair_s=per_pair * cfg.num_layers,
                      unit_per_pair_s=3 * per_pair, learn=True)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from coserve.engine.engine import StepStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITERATION_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.06, 0.08, 0.1, 0.2, 0.5)
@@ -78,6 +82,19 @@ class Metrics:
         self.cache_info = Gauge("vllm:cache_config_info", "KV cache layout, in labels", ["block_size",
                                                                                          "num_gpu_blocks"],
                                 registry=r)
+
+    def observe_step(self, stats: StepStats) -> None:
+        """One engine iteration: tokens by kind, backward units and graph captures, its wall time by what it held,
+        and whether finetuning stood aside."""
+        self.tokens.labels("prompt").inc(stats.prefill_tokens)
+        self.tokens.labels("generation").inc(stats.decode_tokens)
+        self.tokens.labels("finetune").inc(stats.finetune_tokens)
+        self.backward_units.inc(stats.backward_units)
+        self.unit_captures.inc(stats.unit_captures)
+        if stats.holds is not None:
+            self.iteration.labels(stats.holds).observe(stats.duration_s)
+        if stats.finetune_yielded:
+            self.finetune_aside.inc()
 
     def set_gateway(self, state: GatewayState) -> None:
         """The picker's gauges. The LoRA info keeps a single series (the picker takes the newest by value),

@@ -370,3 +370,24 @@ def test_each_timed_forward_says_whether_it_ran_the_lora_kernels(llama_dir, tmp_
     forwards = [p for p in timed if isinstance(p, Forward)]
     assert forwards and not any(f.lora for f in forwards[:-1]), "base-only inference forwards"
     assert forwards[-1].lora and engine.last_step.finetune_tokens > 0, "a forward with a finetuning chunk"
+
+
+def test_a_steps_dataset_rows_are_drawn_once_per_step_not_every_iteration(llama_dir, tmp_path, monkeypatch):
+    """A shuffled epoch's order is a permutation of the whole dataset: the scheduler asks for the step's rows in
+    every iteration (and every unit), so the job draws them once a step."""
+    from coserve.engine.finetune import job as job_mod
+
+    write_task(tmp_path)
+    draws = []
+    real = job_mod.epoch_order
+    monkeypatch.setattr(job_mod, "epoch_order", lambda *a: draws.append(a) or real(*a))
+    engine = make_engine(llama_dir, data_root=str(tmp_path), tpot_slo_ms=2.0,
+                         cost_model=CostModel(0.001, 1e-4, 0.0005, 1e-6))
+    job = build_job(engine, spec("rows", shuffle=True, max_steps=3))
+    engine.finetune.add(job)
+    iterations = 0
+    while job.active:
+        engine.step()
+        iterations += 1
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert iterations > 3 * job.total_steps and len(draws) == job.total_steps, (iterations, len(draws))

@@ -44,8 +44,12 @@ def test_smoke_run_measures_every_mode_and_plots(tmp_path):
         assert held["inference"]["iterations"] + held["both"]["iterations"] > 0, "the window's iterations counted"
         if held["both"]["iterations"]:
             assert mode == "coserve" and held["both"]["mean_ms"] > 0
+        assert held["unit_captures"] == 0, "a CPU has no CUDA graphs"
+        assert held["cost_margin"] is None or (mode == "coserve" and 1.0 <= held["cost_margin"] <= 2.0)
     assert result["runs"]["finetune-only"]["notes"]["inference_refusal"]["status"] == 503
     assert result["runs"]["inference-only"]["notes"]["finetune_job_status"] == 503
+    assert any(points[("coserve", r)]["engine_iterations"]["cost_margin"] for r in (2.0, 4.0)), \
+        "the cost model's margin, learned from co-served iterations, is read from /metrics"
     records = result["runs"]["coserve"]["records"]
     assert len(records) == points[("coserve", 2.0)]["requests"] + points[("coserve", 4.0)]["requests"]
     assert set(result["summary"]) == SUMMARY

@@ -119,6 +119,7 @@ class FinetuneJob:
         self.unit_graphs: UnitGraphs | None = None    # this job's layer units as CUDA graphs (its adapter's tensors)
         self.seq_in_step = 0                      # sequences of the step begun
         self.backs_done = 0                       # sequences of the step whose backward finished
+        self._rows_step, self._rows = -1, []      # the step whose dataset rows `_step_rows` holds, and those rows
         self.waits = 0                            # iterations its next backward unit found no room (never starved)
         self.unit_spans: dict[int, int] = {}      # sequence length -> its unit span, fixed once chosen
         self.step_loss: torch.Tensor | float = 0.0    # summed on the device until the optimizer step reads it
@@ -239,6 +240,13 @@ class FinetuneJob:
         order = epoch_order(n, epoch, t.seed, t.shuffle)
         return order[within * t.sequences_per_step:(within + 1) * t.sequences_per_step]
 
+    def _step_rows(self) -> list[int]:
+        """The current step's rows, drawn once a step (a shuffled epoch's order permutes the whole dataset, and
+        the scheduler asks every iteration)."""
+        if self._rows_step != self.step:
+            self._rows_step, self._rows = self.step, self._sequence_indices(self.step)
+        return self._rows
+
     @property
     def epoch(self) -> int:
         per_epoch = math.ceil(self.num_sequences / self.spec.training.sequences_per_step)
@@ -248,7 +256,7 @@ class FinetuneJob:
     def begin_sequence(self, reserve_blocks: int) -> bool:
         """Start the step's next sequence, if it has one not begun and the KV cache has room beyond what inference
         keeps; it may run forward while the one before it runs backward (the same weights: one step)."""
-        rows = self._sequence_indices(self.step)
+        rows = self._step_rows()
         if self.seq_in_step == len(rows):
             return False
         example = self.sequences[rows[self.seq_in_step]]
@@ -329,7 +337,7 @@ class FinetuneJob:
 
     def unit_ends_step(self) -> bool:
         """The next backward unit is the last of the optimizer step (the step runs right after it)."""
-        return self.backward.next_is_last and self.backs_done + 1 == len(self._sequence_indices(self.step))
+        return self.backward.next_is_last and self.backs_done + 1 == len(self._step_rows())
 
     def run_backward_unit(self, capture: bool = False) -> None:
         """One backward unit, timed on the device as the kind it runs as; `capture`: a unit that has no CUDA graph
@@ -343,7 +351,7 @@ class FinetuneJob:
             self.engine.blocks.release(self.back_seq.request_id)
             self.back_seq, self.backward = None, None
             self.backs_done += 1
-            if self.backs_done == len(self._sequence_indices(self.step)):
+            if self.backs_done == len(self._step_rows()):
                 self._optimizer_step()
             elif self.seq is not None and self.seq.num_uncomputed == 0:
                 self._begin_backward()
